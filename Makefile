@@ -1,0 +1,37 @@
+# Every target bootstraps .venv itself from the Python that .python-version names.
+PYVER   := $(shell cat .python-version)
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+PACKAGES := tokenferry proxy addons gateway gateway_client
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+$(PY):
+	@py=$$(command -v python$(PYVER) 2>/dev/null || ls -d $$HOME/.pyenv/versions/$(PYVER)*/bin/python 2>/dev/null | tail -n 1); \
+	if [ -z "$$py" ]; then echo "error: Python $(PYVER) (from .python-version) not found; install it (e.g. pyenv install $(PYVER))" >&2; exit 1; fi; \
+	echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(PACKAGES)
+
+test: lint
+	$(VENV)/bin/pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/tokenferry demo
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,3 @@
+from tokenferry.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""What every long-running tokenferry process shares: JSON logs and the ready line.
+
+Services print exactly one JSON object with ``"event": "ready"`` on stdout once they
+listen, naming the addresses they bound (ports may be 0 on the command line). Tests and
+``tokenferry demo`` start services as subprocesses and wait for that line instead of
+polling ports. Logs go to stderr as one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+# Attributes every LogRecord has; anything else passed via ``extra=`` becomes a JSON field.
+_RECORD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime"}
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; fields given with ``extra=`` are kept as fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info and record.levelno >= logging.ERROR:
+            # Exception text can carry request data; keep only the type, never the message.
+            entry["exception"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    """Send JSON log lines to stderr; safe to call more than once."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def announce_ready(service: str, **addresses: Any) -> None:
+    """Print the single ready line on stdout and flush it."""
+    print(json.dumps({"event": "ready", "service": service, **addresses}), flush=True)
