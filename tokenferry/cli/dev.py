@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 # name -> module exposing ``DESCRIPTION``, ``configure_parser(parser)`` and ``run(args) -> int``.
-DEV_COMMANDS: dict[str, str] = {}
+DEV_COMMANDS: dict[str, str] = {"spiffe": "tokenferry.dev.spiffe_agent"}
 
 
 def register(subparsers: Any) -> None:
