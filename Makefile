@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(PACKAGES)
+	$(VENV)/bin/hadolint --failure-threshold style Dockerfile
 
 test: lint
 	$(VENV)/bin/pytest
