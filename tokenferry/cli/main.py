@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # Each module exposes ``register(subparsers)``; a registered command sets ``func``
 # on its parser, returning the process exit code.
-COMMAND_GROUPS: tuple[str, ...] = ("tokenferry.cli.dev",)
+COMMAND_GROUPS: tuple[str, ...] = ("tokenferry.cli.dev", "tokenferry.cli.profile")
 
 
 class UserError(Exception):
