@@ -924,6 +924,20 @@ def parse_profile(data: object, source: str = "<profile>") -> tuple[Profile, tup
     has_overrides = any(cr.token_grant and cr.token_grant.audience_overrides for cr in granted)
     if granted and not endpoints and not has_overrides:
         c.warn("endpoints", "no endpoints: the token_grant credentials are never injected")
+    if raws and not granted:
+        c.warn(
+            "credentials",
+            "no credential has a token_grant: tokenferry injects nothing for this profile",
+        )
+    if len(granted) > 1:
+        # Every token_grant credential produces routes for every endpoint (SPEC §3), so
+        # they tie on each endpoint and the name decides; almost never what was meant.
+        winner = min(cr.name for cr in granted)
+        c.warn(
+            "credentials",
+            f"{len(granted)} credentials have a token_grant: each gets routes for every "
+            f"endpoint and only one is injected per request (ties go to {winner!r})",
+        )
 
     if c.errors:
         raise ProfileError(c.errors, c.warnings)
