@@ -320,6 +320,14 @@ class TokenCache:
         del self._entries[key]
         return True
 
+    async def drain(self) -> None:
+        """Wait until no fetch is running (results stored, failures recorded).
+
+        Never cancels a fetch, even when the waiting caller is cancelled.
+        """
+        while self._fetches:
+            await asyncio.wait(list(self._fetches.values()))
+
     async def aclose(self) -> None:
         """Cancel running fetches and wait for them; further gets raise RuntimeError."""
         self._closed = True
