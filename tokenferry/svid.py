@@ -350,11 +350,11 @@ def parse_jwt_svid_unverified(token: str) -> tuple[JwtSvid, tuple[str, ...]]:
 
 def _jwks_or_raise(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict) or not isinstance(value.get("keys"), list):
-        raise ValueError(f'{where} is not a JWKS document (no "keys" list)')
+        raise ValueError(f'{where}not a JWKS document (no "keys" list)')
     keys = value["keys"]
     for index, key in enumerate(keys):
         if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
-            raise ValueError(f'{where}: keys[{index}] is not a JWK (no "kty")')
+            raise ValueError(f'{where}keys[{index}] is not a JWK (no "kty")')
     return {"keys": keys}
 
 
@@ -373,24 +373,24 @@ def parse_bundle_document(
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, ValueError):
-        raise ValueError("is not JSON") from None
+        raise ValueError("not JSON") from None
     if not isinstance(document, dict):
-        raise ValueError("is not a JSON object")
+        raise ValueError("not a JSON object")
     if "keys" in document:
-        jwks = _jwks_or_raise(document, "the document")
+        jwks = _jwks_or_raise(document, "")
         if default_trust_domain is None:
             raise ValueError(
-                "is a plain JWKS, so its trust domain must be given (no trust domain option "
+                "a plain JWKS, so its trust domain must be given (no trust domain option "
                 "and no JWT-SVID file to take it from)"
             )
         return {trust_domain_name(default_trust_domain): jwks}
     if not document:
-        raise ValueError("holds no bundles")
+        raise ValueError("no bundles in it")
     result: dict[str, dict[str, Any]] = {}
     for key, value in document.items():
         name = trust_domain_name(str(key))
         if not name:
-            raise ValueError(f"has an empty trust domain name {key!r}")
+            raise ValueError(f"empty trust domain name {key!r}")
         if isinstance(value, str):
             try:
                 decoded = base64.b64decode(value, validate=True)
@@ -400,7 +400,7 @@ def parse_bundle_document(
                 value = json.loads(decoded)
             except (UnicodeDecodeError, ValueError):
                 raise ValueError(f"bundle of {name!r} does not decode to JSON") from None
-        result[name] = _jwks_or_raise(value, f"bundle of {name!r}")
+        result[name] = _jwks_or_raise(value, f"bundle of {name!r}: ")
     return result
 
 
@@ -592,7 +592,7 @@ class FileSvidSource:
                 f"cannot read JWT bundle file {self._bundle_file}: {exc.strerror}"
             ) from None
         except ValueError as exc:
-            raise SvidUnavailable(f"JWT bundle file {self._bundle_file} {exc}") from None
+            raise SvidUnavailable(f"JWT bundle file {self._bundle_file}: {exc}") from None
         self._bundle = (signature, bundles)
         return bundles
 
