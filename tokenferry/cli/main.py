@@ -13,7 +13,11 @@ from collections.abc import Sequence
 
 # Each module exposes ``register(subparsers)``; a registered command sets ``func``
 # on its parser, returning the process exit code.
-COMMAND_GROUPS: tuple[str, ...] = ("tokenferry.cli.dev", "tokenferry.cli.profile")
+COMMAND_GROUPS: tuple[str, ...] = (
+    "tokenferry.cli.dev",
+    "tokenferry.cli.profile",
+    "tokenferry.cli.proxy",
+)
 
 
 class UserError(Exception):
