@@ -31,8 +31,11 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/tokenferry demo
 
+# hey (Debian package) drives the load; without it bench/run.py uses bench/pyload.py.
 bench: $(STAMP)
-	$(PY) bench/run.py
+	@command -v hey >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq hey >/dev/null; } \
+	  || echo "note: hey not installed; using the Python load generator (see bench/README.md)"
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
