@@ -658,7 +658,11 @@ def _parse_override(c: _Checker, value: object, path: str) -> AudienceOverride:
     audience = c.text(data, "audience", path)
     scopes = c.string_list(data, "scopes", path, check=_check_scope, what="scopes")
     if data.get("audience") in (None, "") and data.get("scopes") in (None, []):
-        c.error(path, "an audience override must set 'audience' or 'scopes'")
+        c.error(
+            path,
+            "an audience override must set 'audience' or 'scopes' (without either it is "
+            "just another endpoint; list it under 'endpoints')",
+        )
     return AudienceOverride(
         host=host,
         port=port if port is not None else 443,
