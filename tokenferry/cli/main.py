@@ -17,6 +17,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tokenferry.cli.dev",
     "tokenferry.cli.profile",
     "tokenferry.cli.proxy",
+    "tokenferry.cli.gateway",
 )
 
 

@@ -1,0 +1,240 @@
+"""Assemble and run the gateway: store, identity, broker, API app and admin app.
+
+Start-up order matters: the database (migrated, key checked) and the gateway's own
+SPIFFE identity must be in place before the listener opens, so the ready line is only
+printed once the gateway can actually serve. Everything started here is closed again
+by the apps' cleanup contexts, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import api
+from gateway.auth import BundleCache, OidcVerifier, SupervisorAuthenticator, UserAuthenticator
+from gateway.broker import Broker
+from gateway.config import GatewayConfig
+from gateway.crypto import KeyConfigError, load_keyring
+from gateway.metrics import GatewayMetrics
+from gateway.store import DatabaseError, Store, parse_database_option
+from tokenferry.oauth import TokenEndpointClient
+from tokenferry.service import announce_ready, configure_logging
+from tokenferry.svid import JwtSvid, SvidSource, SvidUnavailable, svid_source_from_options
+from tokenferry.svid_verify import parse_spiffe_id
+from tokenferry.tokens import TokenCache
+
+log = logging.getLogger("tokenferry.gateway")
+
+# Audience of the SVID fetched once at start-up only to learn the gateway's own SPIFFE
+# ID; that SVID is never sent anywhere.
+IDENTITY_PROBE_AUDIENCE = "tokenferry-gateway-identity-probe"
+IDENTITY_WAIT_SECONDS = 15.0
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class GatewayIdentity:
+    spiffe_id: str
+    trust_domain: str
+
+
+async def discover_identity(source: SvidSource, wait_seconds: float) -> GatewayIdentity:
+    """The gateway's own SPIFFE ID, waiting a bounded time for the Workload API."""
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.1
+    while True:
+        try:
+            svid: JwtSvid = await source.fetch_jwt_svid(IDENTITY_PROBE_AUDIENCE)
+            break
+        except SvidUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise StartupError(f"cannot obtain the gateway's own JWT-SVID: {exc}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    trust_domain, _ = parse_spiffe_id(svid.spiffe_id)
+    return GatewayIdentity(svid.spiffe_id, trust_domain)
+
+
+def build_api_app(
+    *,
+    store: Store,
+    broker: Broker,
+    users: UserAuthenticator,
+    supervisors: SupervisorAuthenticator,
+    metrics: GatewayMetrics,
+    auth_settings: api.AuthSettings,
+    trust_domains: frozenset[str],
+) -> web.Application:
+    app = web.Application(middlewares=[api.error_middleware], client_max_size=api.MAX_BODY_BYTES)
+    app[api.STORE] = store
+    app[api.BROKER] = broker
+    app[api.USERS] = users
+    app[api.SUPERVISORS] = supervisors
+    app[api.METRICS] = metrics
+    app[api.AUTH_SETTINGS] = auth_settings
+    app[api.TRUST_DOMAINS] = trust_domains
+    api.add_routes(app)
+    return app
+
+
+METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[METRICS_KEY].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_admin_app(metrics: GatewayMetrics) -> web.Application:
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def _url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def serve(config: GatewayConfig, *, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    try:
+        db_path = parse_database_option(config.db)
+        keyring, key_origin = load_keyring(
+            key_file=config.key_file,
+            key_env=config.key_env,
+            dev_key_path=Path(db_path + ".key") if config.dev_mode else None,
+        )
+    except (DatabaseError, KeyConfigError) as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        store = await Store.open(db_path, keyring)
+    except DatabaseError as exc:
+        raise StartupError(str(exc)) from None
+
+    runners: list[web.AppRunner] = []
+    http_session: aiohttp.ClientSession | None = None
+    svid_source: SvidSource | None = None
+    token_client: TokenEndpointClient | None = None
+    cache: TokenCache | None = None
+    try:
+        try:
+            svid_source = svid_source_from_options(
+                config.spiffe_socket, config.svid_dir, config.bundle_file
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        identity = await discover_identity(svid_source, IDENTITY_WAIT_SECONDS)
+        trust_domains = frozenset(config.trust_domains or (identity.trust_domain,))
+        supervisor_audience = config.supervisor_audience or identity.spiffe_id
+
+        http_session = aiohttp.ClientSession(
+            trust_env=False, timeout=aiohttp.ClientTimeout(total=10, connect=5)
+        )
+        session = http_session
+        metrics = GatewayMetrics()
+        token_client = TokenEndpointClient()
+        cache = TokenCache()
+        broker = Broker(
+            store=store,
+            svid_source=svid_source,
+            token_client=token_client,
+            cache=cache,
+            metrics=metrics,
+        )
+        users = UserAuthenticator(
+            OidcVerifier(config.oidc_issuer, config.oidc_audience, http=lambda: session),
+            dev_admin_token=config.dev_admin_token,
+        )
+        supervisors = SupervisorAuthenticator(
+            BundleCache(svid_source), audience=supervisor_audience, trust_domains=trust_domains
+        )
+        app = build_api_app(
+            store=store,
+            broker=broker,
+            users=users,
+            supervisors=supervisors,
+            metrics=metrics,
+            auth_settings=api.AuthSettings(
+                issuer=config.oidc_issuer,
+                client_id=config.cli_client_id,
+                audience=config.oidc_audience,
+                supervisor_audience=supervisor_audience,
+            ),
+            trust_domains=trust_domains,
+        )
+        addresses = []
+        for application, host, port in (
+            (app, config.listen_host, config.listen_port),
+            (build_admin_app(metrics), config.admin_host, config.admin_port),
+        ):
+            runner = web.AppRunner(application, access_log=None, handle_signals=False)
+            await runner.setup()
+            runners.append(runner)
+            site = web.TCPSite(runner, host, port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            bound_port = sockets[0].getsockname()[1] if sockets else port
+            addresses.append(_url(host, bound_port))
+
+        log.info(
+            "gateway started",
+            extra={
+                "spiffe_id": identity.spiffe_id,
+                "supervisor_audience": supervisor_audience,
+                "trust_domains": sorted(trust_domains),
+                "database": db_path,
+                "key": key_origin,
+                "dev_mode": config.dev_mode,
+            },
+        )
+        announce_ready(
+            "gateway", url=addresses[0], admin_url=addresses[1], spiffe_id=identity.spiffe_id
+        )
+        await stop.wait()
+        log.info("gateway stopping")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        if cache is not None:
+            await cache.aclose()
+        if token_client is not None:
+            await token_client.aclose()
+        if http_session is not None:
+            await http_session.close()
+        if svid_source is not None:
+            await svid_source.close()
+        await store.close()
+
+
+def run(config: GatewayConfig) -> int:
+    configure_logging(config.log_level)
+    asyncio.run(serve(config))
+    return 0
