@@ -7,7 +7,11 @@ import importlib
 from typing import Any
 
 # name -> module exposing ``DESCRIPTION``, ``configure_parser(parser)`` and ``run(args) -> int``.
-DEV_COMMANDS: dict[str, str] = {"spiffe": "tokenferry.dev.spiffe_agent"}
+DEV_COMMANDS: dict[str, str] = {
+    "spiffe": "tokenferry.dev.spiffe_agent",
+    "idp": "tokenferry.dev.idp",
+    "upstream": "tokenferry.dev.upstream",
+}
 
 
 def register(subparsers: Any) -> None:
