@@ -330,9 +330,14 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _suggest(value: str, candidates: Iterable[str]) -> str:
+def _closest(value: str, candidates: Iterable[str]) -> str | None:
     matches = difflib.get_close_matches(value.lower(), sorted(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {matches[0]!r}?" if matches else ""
+    return matches[0] if matches else None
+
+
+def _suggest(value: str, candidates: Iterable[str]) -> str:
+    match = _closest(value, candidates)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 def _type_name(value: object) -> str:
@@ -364,6 +369,9 @@ class _Checker:
         self.source = source
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
+        # Paths of known keys that an unknown key was probably meant to be: their absence
+        # is already explained by the "did you mean" error, so no second error follows.
+        self.misspelt: set[str] = set()
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(Problem(self.source, path, message, "error"))
@@ -389,8 +397,15 @@ class _Checker:
                     f"(value {_show(value)})",
                 )
             else:
+                meant = _closest(key, known)
+                if meant is not None and meant not in data:
+                    self.misspelt.add(_join(path, meant))
                 hint = _suggest(key, known) or _suggest(key, OPENSHELL_IGNORED_KEYS)
                 self.error(key_path, f"unknown key {key!r}{hint}")
+
+    def absent(self, data: Mapping[Any, Any], key: str, path: str) -> bool:
+        """True when ``key`` is really absent (not present, and not merely misspelt)."""
+        return data.get(key) in (None, "", []) and _join(path, key) not in self.misspelt
 
     def mapping(self, value: object, path: str) -> Mapping[Any, Any] | None:
         if isinstance(value, dict):
@@ -411,7 +426,7 @@ class _Checker:
         key_path = _join(path, key)
         value = data.get(key)
         if value is None:
-            if required:
+            if required and key_path not in self.misspelt:
                 self.error(key_path, "is required")
             return None
         if not isinstance(value, str):
@@ -657,7 +672,7 @@ def _parse_override(c: _Checker, value: object, path: str) -> AudienceOverride:
     glob = c.text(data, "path", path, check=_check_path_glob)
     audience = c.text(data, "audience", path)
     scopes = c.string_list(data, "scopes", path, check=_check_scope, what="scopes")
-    if data.get("audience") in (None, "") and data.get("scopes") in (None, []):
+    if c.absent(data, "audience", path) and c.absent(data, "scopes", path):
         c.error(
             path,
             "an audience override must set 'audience' or 'scopes' (without either it is "
@@ -703,6 +718,8 @@ def _parse_grant(c: _Checker, value: object, path: str) -> TokenGrant:
     if raw_grant == "urn:ietf:params:oauth:grant-type:token-exchange":
         c.error(grant_path, f"write 'token_exchange' instead of {_show(raw_grant)}")
         grant_type = None
+    elif grant_path in c.misspelt:
+        grant_type = None  # unknown: rules that depend on it would only add noise
     else:
         grant_type = c.choice(data, "grant_type", path, GRANT_TYPES, GRANT_CLIENT_CREDENTIALS)
 
@@ -741,7 +758,7 @@ def _parse_grant(c: _Checker, value: object, path: str) -> TokenGrant:
                 subject_path,
                 f"is only allowed with grant_type 'token_exchange' (grant_type is {grant_type!r})",
             )
-    elif grant_type == GRANT_TOKEN_EXCHANGE:
+    elif grant_type == GRANT_TOKEN_EXCHANGE and subject_path not in c.misspelt:
         c.error(subject_path, "is required when grant_type is 'token_exchange'")
 
     overrides: list[AudienceOverride] = []
@@ -797,7 +814,7 @@ def _parse_credential(c: _Checker, value: object, path: str) -> _RawCredential |
                 "token_grant credentials, with auth_style 'bearer' or 'header'",
             )
     header_name = c.text(data, "header_name", path, check=_check_header_name)
-    if auth_style == "header" and data.get("header_name") in (None, ""):
+    if auth_style == "header" and c.absent(data, "header_name", path):
         c.error(_join(path, "header_name"), "is required when auth_style is 'header'")
 
     # Present with a value: `env_vars: []` (OpenShell's serialised default) declares nothing.

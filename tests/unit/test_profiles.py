@@ -1086,3 +1086,27 @@ def test_parse_does_not_mutate_its_input() -> None:
     before = copy.deepcopy(data)
     parse_profile(data, SRC)
     assert data == before
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "message"),
+    [
+        (lambda d: grant(d).update(grant_tpye=grant(d).pop("grant_type")),
+         "credentials[1].token_grant.grant_tpye",
+         "unknown key 'grant_tpye'; did you mean 'grant_type'?"),
+        (lambda d: grant(d).update(token_endpiont=grant(d).pop("token_endpoint")),
+         "credentials[1].token_grant.token_endpiont",
+         "unknown key 'token_endpiont'; did you mean 'token_endpoint'?"),
+        (lambda d: grant(d).update(subject_tokens=grant(d).pop("subject_token")),
+         "credentials[1].token_grant.subject_tokens",
+         "unknown key 'subject_tokens'; did you mean 'subject_token'?"),
+        (lambda d: d["endpoints"][0].update(hots=d["endpoints"][0].pop("host")),
+         "endpoints[0].hots", "unknown key 'hots'; did you mean 'host'?"),
+        (lambda d: d["credentials"][1].update(auth_style="header", header_nmae="X-Key"),
+         "credentials[1].header_nmae", "unknown key 'header_nmae'; did you mean 'header_name'?"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_key_is_one_error_not_a_cascade(mutate: Any, path: str, message: str) -> None:
+    data = base()
+    mutate(data)
+    assert only_error(data) == Problem(SRC, path, message)
