@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from tokenferry.profiles import Profile, TokenGrant
@@ -200,10 +200,7 @@ class _HasTarget(Protocol):
     def target(self) -> Target: ...
 
 
-E = TypeVar("E", bound=_HasTarget)
-
-
-class _HostIndex(Generic[E]):
+class _HostIndex[E: _HasTarget]:
     """Exact host patterns by ``(host, port)``; wildcard patterns by port, scanned."""
 
     def __init__(self, entries: Iterable[E], order: Callable[[E], object] | None = None):

@@ -1,0 +1,234 @@
+"""Obtaining the token a route needs: grant orchestration over the shared token cache.
+
+``GrantBroker.obtain(route)`` builds the full cache key (provider revision included, so a
+provider update never serves an old entry), asks the ``TokenCache`` (single flight,
+refresh ahead, back-off) and, on a miss, runs the route's grant. Each grant type is one
+``Grant`` implementation registered by its ``grant_type``: ``client_credentials`` here;
+``token_exchange`` (gateway leg + final leg) plugs in the same way.
+
+Every failure surfaces as ``GrantError`` with a detail an agent can read; details are
+built from our own words and the sanitised ``OAuthError``/``SvidUnavailable`` messages,
+never from a token or assertion.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.metrics import ProxyMetrics
+from tokenferry.oauth import (
+    InvalidTokenResponse,
+    OAuthError,
+    TokenClientConfig,
+    TokenEndpointClient,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+)
+from tokenferry.profiles import GRANT_CLIENT_CREDENTIALS
+from tokenferry.svid import SvidSource, SvidUnavailable, svid_source_from_options
+from tokenferry.tokens import CachedToken, CacheKey, CacheOutcome, TokenCache
+
+if TYPE_CHECKING:
+    from proxy.routes import Route
+
+
+class GrantError(Exception):
+    """No token for this route right now. ``detail`` is safe to show to the sandbox."""
+
+    def __init__(self, provider: str, credential: str, detail: str) -> None:
+        super().__init__(f"{provider}/{credential}: {detail}")
+        self.provider = provider
+        self.credential = credential
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    token: CachedToken = field(repr=False)
+    outcome: CacheOutcome
+    latency: float  # seconds the request waited for its token (≈0 on a hit)
+    key: CacheKey
+
+
+class Grant(Protocol):
+    """One grant type: fetch a fresh token for a route (the cache is the broker's job)."""
+
+    async def fetch(self, route: Route) -> CachedToken: ...
+
+    async def aclose(self) -> None: ...
+
+
+def cache_key(route: Route, supervisor_id: str | None = None) -> CacheKey:
+    grant = route.grant
+    return CacheKey(
+        grant_type=grant.grant_type,
+        token_endpoint=grant.token_endpoint,
+        svid_audience=grant.svid_audience(),
+        client_assertion_type=grant.client_assertion_type,
+        audience=route.audience,
+        scopes=tuple(route.scopes),
+        requested_token_type=grant.requested_token_type,
+        provider=route.provider,
+        revision=route.revision,
+        credential=route.credential,
+        supervisor_id=supervisor_id,
+    )
+
+
+def describe_failure(exc: Exception) -> str:
+    """A readable, secret-free explanation of why no token could be obtained."""
+    if isinstance(exc, SvidUnavailable):
+        return f"workload identity (JWT-SVID) unavailable: {exc}"
+    if isinstance(exc, TokenEndpointError):
+        text = f"token endpoint refused the request (HTTP {exc.status}): {exc.error}"
+        return f"{text}: {exc.description}" if exc.description else text
+    if isinstance(exc, TokenEndpointUnavailable):
+        return f"token endpoint unavailable: {exc}"
+    if isinstance(exc, InvalidTokenResponse):
+        return f"token endpoint sent an unusable response: {exc}"
+    if isinstance(exc, OAuthError):
+        return f"token request failed: {exc}"
+    return f"token request failed ({type(exc).__name__})"
+
+
+class ClientCredentialsGrant:
+    """SPEC §1: the supervisor's IdP-audience JWT-SVID as client assertion."""
+
+    leg = "client_credentials"
+
+    def __init__(
+        self,
+        svids: SvidSource,
+        client: TokenEndpointClient,
+        metrics: ProxyMetrics,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._svids = svids
+        self._client = client
+        self._metrics = metrics
+        self._wall_clock = wall_clock
+        self._monotonic = monotonic
+
+    async def fetch(self, route: Route) -> CachedToken:
+        grant = route.grant
+        svid = await self._svids.fetch_jwt_svid(grant.svid_audience())
+        with self._metrics.exchange(self.leg):
+            response = await self._client.client_credentials(
+                grant.token_endpoint,
+                client_assertion=svid.token,
+                client_assertion_type=grant.client_assertion_type,
+                audience=route.audience,
+                scopes=route.scopes,
+            )
+        return CachedToken.from_response(
+            response,
+            obtained_at=self._monotonic(),
+            now=self._wall_clock(),
+            cache_ttl_seconds=grant.cache_ttl_seconds,
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+class GrantBroker:
+    """Routes in, tokens out: the cache in front of the grant implementations."""
+
+    def __init__(
+        self,
+        cache: TokenCache,
+        grants: Mapping[str, Grant],
+        metrics: ProxyMetrics,
+        *,
+        supervisor_id: str | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        closers: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
+        self._closers = tuple(closers)
+        self._cache = cache
+        self._grants = dict(grants)
+        self._metrics = metrics
+        self._supervisor_id = supervisor_id
+        self._monotonic = monotonic
+
+    def key(self, route: Route) -> CacheKey:
+        return cache_key(route, self._supervisor_id)
+
+    async def obtain(self, route: Route) -> GrantResult:
+        grant = self._grants.get(route.grant.grant_type)
+        if grant is None:
+            raise GrantError(
+                route.provider,
+                route.credential,
+                f"grant type {route.grant.grant_type!r} is not available in this "
+                "supervisor's configuration mode",
+            )
+        key = self.key(route)
+        started = self._monotonic()
+
+        async def fetch() -> CachedToken:
+            return await grant.fetch(route)
+
+        try:
+            token, outcome = await self._cache.get(key, fetch)
+        except Exception as exc:  # every failure is closed and reported the same way
+            raise GrantError(route.provider, route.credential, describe_failure(exc)) from None
+        self._metrics.cache.labels(str(outcome)).inc()
+        return GrantResult(token, outcome, self._monotonic() - started, key)
+
+    def evict_token(self, key: CacheKey, value: str) -> bool:
+        """Upstream said 401 to this token: drop it (only if it is still the cached one)."""
+        dropped = self._cache.evict_token(key, value)
+        if dropped:
+            self._metrics.evictions.inc()
+        return dropped
+
+    @property
+    def cache(self) -> TokenCache:
+        return self._cache
+
+    async def aclose(self) -> None:
+        await self._cache.aclose()
+        for grant in self._grants.values():
+            await grant.aclose()
+        for close in self._closers:
+            await close()
+
+
+@dataclass(frozen=True)
+class IdentityOptions:
+    """How the supervisor obtains its JWT-SVIDs and reaches token endpoints."""
+
+    spiffe_socket: str | None = None
+    svid_dir: str | None = None
+    bundle_file: str | None = None
+    reuse_svids: bool = True
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+
+def open_broker(options: IdentityOptions, metrics: ProxyMetrics) -> GrantBroker:
+    """A broker with the grants of local-files mode (client_credentials).
+
+    Raises ValueError with a readable message when the SVID options are inconsistent.
+    Call from the event loop that will use it; close with ``aclose()``.
+    """
+    svids = svid_source_from_options(
+        options.spiffe_socket,
+        options.svid_dir,
+        options.bundle_file,
+        reuse_svids=options.reuse_svids,
+    )
+    client = TokenEndpointClient(TokenClientConfig(ssl_context=options.ssl_context))
+    cache = TokenCache()
+    grants: dict[str, Grant] = {
+        GRANT_CLIENT_CREDENTIALS: ClientCredentialsGrant(
+            svids, client, metrics, monotonic=cache.clock
+        )
+    }
+    return GrantBroker(cache, grants, metrics, closers=(client.aclose, svids.close))
