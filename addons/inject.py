@@ -162,6 +162,15 @@ class Inject:
         return injected
 
 
+def _announce_ready(confdir: str) -> None:
+    addon_manager: Any = ctx.master.addons
+    addrs = addon_manager.get("proxyserver").listen_addrs()
+    if addrs:
+        host, port = addrs[0][0], addrs[0][1]
+        ca_file = os.path.join(os.path.expanduser(confdir), "mitmproxy-ca-cert.pem")
+        announce_ready("proxy", proxy_url=f"http://{host}:{port}", ca_file=ca_file)
+
+
 class LocalConfig:
     """Options for running the addons under ``mitmdump -s`` with local files.
 
@@ -225,15 +234,7 @@ class LocalConfig:
         except ValueError as exc:
             logger.error("cannot set up the SVID source: %s", exc)
         if opts.tokenferry_ready_line:
-            addon_manager: Any = ctx.master.addons
-            addrs = addon_manager.get("proxyserver").listen_addrs()
-            if addrs:
-                host, port = addrs[0][0], addrs[0][1]
-                announce_ready(
-                    "proxy",
-                    proxy_url=f"http://{host}:{port}",
-                    ca_file=os.path.join(os.path.expanduser(opts.confdir), "mitmproxy-ca-cert.pem"),
-                )
+            _announce_ready(opts.confdir)
 
     async def done(self) -> None:
         await self.supervisor.aclose()
