@@ -1077,6 +1077,17 @@ def load_profile_file(path: str | Path) -> tuple[Profile, tuple[Problem, ...]]:
 PROFILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+def profile_files(directory: Path) -> list[Path]:
+    """The profile files of a directory, sorted; hidden files (editor backups) skipped."""
+    return sorted(
+        file
+        for file in directory.iterdir()
+        if file.suffix.lower() in PROFILE_SUFFIXES
+        and not file.name.startswith(".")
+        and file.is_file()
+    )
+
+
 def load_profile_dir(path: str | Path) -> tuple[Profile, ...]:
     """Every ``*.yaml``/``*.yml``/``*.json`` profile in a directory, sorted by file name.
 
@@ -1090,9 +1101,7 @@ def load_profile_dir(path: str | Path) -> tuple[Profile, ...]:
     warnings: list[Problem] = []
     profiles: list[Profile] = []
     first_file: dict[str, str] = {}
-    for file in sorted(directory.iterdir()):
-        if file.suffix.lower() not in PROFILE_SUFFIXES or not file.is_file():
-            continue
+    for file in profile_files(directory):
         try:
             profile, found = load_profile_file(file)
         except ProfileError as exc:

@@ -132,3 +132,18 @@ def test_no_files_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert "usage:" in result.stderr
     assert_no_traceback(result)
+
+
+def test_a_directory_means_its_profile_files(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("id: orders\n")
+    (tmp_path / "b.json").write_text('{"id": "orders"}')
+    (tmp_path / ".a.yaml.swp.yaml").write_text("not: [valid")
+    (tmp_path / "notes.txt").write_text("ignored")
+    result = lint(tmp_path, cwd=tmp_path)
+    assert_no_traceback(result)
+    assert result.returncode == 1
+    assert (
+        f"error: {tmp_path / 'b.json'}: id: duplicate profile id 'orders' "
+        f"(also in {tmp_path / 'a.yaml'})"
+    ) in result.stdout
+    assert "2 files checked: 1 valid, 1 invalid (1 error, " in result.stdout

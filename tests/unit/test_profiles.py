@@ -1064,6 +1064,7 @@ def test_load_profile_dir(tmp_path: Path) -> None:
     (tmp_path / "b.yml").write_text("id: two\n")
     (tmp_path / "c.json").write_text('{"id": "three"}')
     (tmp_path / "README.md").write_text("not a profile")
+    (tmp_path / ".backup.yaml").write_text("id: [hidden files are skipped")
     assert [p.id for p in load_profile_dir(tmp_path)] == ["one", "two", "three"]
 
     (tmp_path / "d.yaml").write_text("id: one\n")

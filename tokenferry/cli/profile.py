@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
-from tokenferry.profiles import Problem, Profile, ProfileError, load_profile_file
+from tokenferry.profiles import Problem, Profile, ProfileError, load_profile_file, profile_files
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,34 @@ def _print_json(results: list[LintResult], out: TextIO) -> None:
     out.write("\n")
 
 
+def lint_paths(paths: list[str]) -> list[LintResult]:
+    """Lint files; a directory stands for its profile files, whose ids must be unique."""
+    results: list[LintResult] = []
+    for path in paths:
+        directory = Path(path)
+        if not directory.is_dir():
+            results.append(lint_file(path))
+            continue
+        first_file: dict[str, str] = {}
+        for file in profile_files(directory):
+            result = lint_file(str(file))
+            if result.profile is not None:
+                profile_id = result.profile.id
+                if profile_id in first_file:
+                    duplicate = Problem(
+                        result.file,
+                        "id",
+                        f"duplicate profile id {profile_id!r} (also in {first_file[profile_id]})",
+                    )
+                    result = LintResult(result.file, None, (duplicate,), result.warnings)
+                else:
+                    first_file[profile_id] = result.file
+            results.append(result)
+    return results
+
+
 def run_lint(args: argparse.Namespace) -> int:
-    results = [lint_file(path) for path in args.files]
+    results = lint_paths(args.files)
     # ``--output`` may also be a global option added on the main parser; both spellings
     # use the same dest, and "table" is the human-readable default.
     if getattr(args, "output", "table") == "json":
@@ -109,7 +136,12 @@ def register(subparsers: Any) -> None:
             "Exit 0 when all files are valid (warnings allowed), 1 otherwise."
         ),
     )
-    lint.add_argument("files", nargs="+", metavar="FILE", help="profile file(s) to check")
+    lint.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="profile file(s) to check; a directory means its *.yaml, *.yml and *.json files",
+    )
     lint.add_argument(
         "--output",
         choices=("table", "json"),
