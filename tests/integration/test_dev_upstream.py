@@ -157,7 +157,7 @@ def test_foreign_and_unsigned_tokens_are_401(stand: Stand) -> None:
         headers={"kid": real_kid},
     )
     _refused(stand.get("/", forged), 401, "signature does not verify")
-    unsigned = jwt.encode(claims, None, algorithm="none")
+    unsigned = jwt.encode(claims, "", algorithm="none")
     _refused(stand.get("/", unsigned), 401, "algorithm 'none' is not allowed")
 
 
