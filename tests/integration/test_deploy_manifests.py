@@ -28,6 +28,8 @@ import yaml
 from kubernetes_validate import utils as kv  # type: ignore[import-untyped]
 
 from gateway.crypto import KeyConfigError, parse_keys
+from proxy.runner import CA_CERT_FILE
+from tokenferry.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -349,7 +351,7 @@ def test_sandbox_trusts_the_proxy_ca_without_access_to_its_key() -> None:
     confdir_mount = next(m for m in bundler["volumeMounts"] if m["name"] == confdir_volume)
     assert confdir_mount.get("readOnly") is True
     script = bundler["args"][0]
-    assert f"{confdir_mount['mountPath']}/mitmproxy-ca-cert.pem" in script
+    assert f"{confdir_mount['mountPath']}/{CA_CERT_FILE}" in script
     for name in ca_vars:
         assert Path(env[name]).name in script, name
 
@@ -368,7 +370,7 @@ def test_trust_bundle_script_writes_public_roots_plus_the_proxy_ca(tmp_path: Pat
     confdir.mkdir()
     trust.mkdir()
     ca_pem = "-----BEGIN CERTIFICATE-----\nTESTCA\n-----END CERTIFICATE-----\n"
-    (confdir / "mitmproxy-ca-cert.pem").write_text(ca_pem)
+    (confdir / CA_CERT_FILE).write_text(ca_pem)
     script = (
         bundler["args"][0]
         .replace("/var/lib/tokenferry", str(confdir))
@@ -382,6 +384,33 @@ def test_trust_bundle_script_writes_public_roots_plus_the_proxy_ca(tmp_path: Pat
     bundle = (trust / "ca-bundle.pem").read_text()
     assert bundle.endswith(ca_pem)
     assert bundle.count("BEGIN CERTIFICATE") > 10  # the public roots come first
+
+
+def _expanded_args(container: dict[str, Any]) -> list[str]:
+    """The container's args as the kubelet passes them: ``$(VAR)`` from its env expanded."""
+    env = _env(container)
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("configMapKeyRef")
+        if ref:
+            env[entry["name"]] = _one("ConfigMap", ref["name"])["data"][ref["key"]]
+    args: list[str] = container["args"]
+    for name, value in env.items():
+        args = [arg.replace(f"$({name})", value) for arg in args]
+    return args
+
+
+@pytest.mark.parametrize("spec_of, name", [(_gateway_pod, "gateway")], ids=["gateway"])
+def test_container_args_are_accepted_by_the_real_cli(spec_of: Any, name: str) -> None:
+    # Catches flags renamed or removed in the CLI that the manifests still pass.
+    args = _expanded_args(_container(spec_of(), name))
+    assert not [a for a in args if "$(" in a], "an unexpanded $(VAR) remains"
+    parsed = build_parser().parse_args(args)
+    assert callable(parsed.func)
+
+
+def test_image_default_command_is_accepted_by_the_real_cli() -> None:
+    parsed = build_parser().parse_args(_cmd())
+    assert parsed.command == "proxy"
 
 
 def test_gateway_reads_its_encryption_key_from_the_secret_file() -> None:
