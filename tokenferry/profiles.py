@@ -304,6 +304,7 @@ class Profile:
             for c in self.credentials
         )
         object.__setattr__(self, "credentials", fixed)
+        object.__setattr__(self, "endpoints", tuple(self.endpoints))
 
     def credential(self, name: str) -> Credential | None:
         for credential in self.credentials:
