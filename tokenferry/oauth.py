@@ -36,6 +36,8 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
+from tokenferry.profiles import ACCESS_TOKEN_TYPE, JWT_BEARER_ASSERTION
+
 __all__ = [
     "ACCESS_TOKEN_TYPE",
     "JWT_BEARER_ASSERTION",
@@ -51,10 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Same values as tokenferry.profiles; repeated here so the client has no dependency on the
-# profile model (the gateway client and the broker use it with plain arguments).
-JWT_BEARER_ASSERTION: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
 TOKEN_EXCHANGE_GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 MAX_ACCESS_TOKEN_CHARS: Final = 16 * 1024
@@ -434,6 +432,12 @@ class TokenEndpointClient:
             "Accept-Encoding": "identity",
         }
         cfg = self._config
+        # Failures are raised after the try block, so they carry no __context__: aiohttp's
+        # parser errors quote raw response bytes, which must not travel with our errors.
+        failure: OAuthError | None = None
+        retryable = False
+        status = 0
+        payload: bytes | None = None
         try:
             async with session.post(
                 url, data=body, headers=headers, allow_redirects=False
@@ -446,28 +450,30 @@ class TokenEndpointClient:
                     response.close()  # error bodies say nothing about the connection's state
         except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
             # A certificate problem will not go away on retry.
-            raise TokenEndpointUnavailable(
-                f"TLS verification of token endpoint {shown} failed: {type(exc).__name__}",
+            failure = TokenEndpointUnavailable(
+                f"TLS verification of token endpoint {shown} failed: {_describe_tls(exc)}",
                 endpoint=shown,
-            ) from exc
+            )
         except aiohttp.ClientConnectionError as exc:
             # Refused, reset, DNS failure, connect timeout, server closed before answering.
-            raise _Retryable(
-                TokenEndpointUnavailable(
-                    f"token endpoint {shown} is unreachable: {_describe(exc)}", endpoint=shown
-                )
-            ) from None
+            failure = TokenEndpointUnavailable(
+                f"token endpoint {shown} is unreachable: {_describe(exc)}", endpoint=shown
+            )
+            retryable = True
         except TimeoutError:
-            raise TokenEndpointUnavailable(
+            # The total budget is spent; a retry would double the caller's wait.
+            failure = TokenEndpointUnavailable(
                 f"token endpoint {shown} did not answer within {cfg.total_timeout:g} s",
                 endpoint=shown,
-            ) from None
+            )
         except aiohttp.ClientError as exc:
             # Malformed HTTP or a body cut off mid-way: the answer is unusable.
-            raise TokenEndpointUnavailable(
-                f"token endpoint {shown} sent a broken HTTP response: {type(exc).__name__}",
+            failure = TokenEndpointUnavailable(
+                f"token endpoint {shown} sent a broken HTTP response ({type(exc).__name__})",
                 endpoint=shown,
-            ) from None
+            )
+        if failure is not None:
+            raise _Retryable(failure) if retryable else failure
 
         if payload is None:
             raise InvalidTokenResponse(
@@ -542,6 +548,12 @@ def _check_endpoint(token_endpoint: str, shown: str) -> URL:
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"token endpoint {shown} must be an http:// or https:// URL")
     return url
+
+
+def _describe_tls(exc: BaseException) -> str:
+    cert_error = getattr(exc, "certificate_error", None)
+    reason = getattr(cert_error, "verify_message", None) or getattr(cert_error, "reason", None)
+    return str(reason) if reason else type(exc).__name__
 
 
 def _describe(exc: BaseException) -> str:
