@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -393,6 +394,22 @@ class Tx:
             raise Missing(f"sandbox {name!r} does not exist")
 
 
+def _create_private(path: str) -> None:
+    """Create the database file owner-only from the first byte.
+
+    It holds sealed credentials and the registry of who may obtain tokens; SQLite gives
+    its WAL/SHM files the same mode.
+    """
+    if path == ":memory:" or Path(path).exists():
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DatabaseError(f"cannot create database {path}: {exc.strerror}") from exc
+
+
 class Store:
     """One SQLite database; open with ``await Store.open(path, keyring)``."""
 
@@ -404,6 +421,7 @@ class Store:
 
     @classmethod
     async def open(cls, path: str, keyring: Keyring) -> Store:
+        _create_private(path)
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each write is
             # exactly the transaction we say it is.
