@@ -20,16 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -128,9 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark tokenferry proxy against bare mitmdump (loopback only).",
         epilog="Figures go to bench/results/<timestamp>.json and latest.json.",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of a,b,c (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of a,b,c (default 5)")
     parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds of load per round (default 5)"
+        "--duration", type=float, default=4.0, help="seconds of load per round (default 4)"
     )
     parser.add_argument(
         "--concurrency", type=int, default=8, help="connections in the load phase (default 8)"
@@ -138,8 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--latency-duration",
         type=float,
-        default=3.0,
-        help="seconds of single-connection load per round, 0 to skip (default 3)",
+        default=2.0,
+        help="seconds of single-connection load per round, 0 to skip (default 2)",
     )
     parser.add_argument(
         "--configs",
@@ -363,6 +366,14 @@ def verify_round(target: Target, result: loadgen.LoadResult, upstream: dict[str,
     return problems
 
 
+def ratio(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None or y == 0 else round(x / y, 3)
+
+
+def diff(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else round(x - y, 3)
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -398,7 +409,12 @@ def package_version(name: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Progress lines must show up when piped (make bench | tee ...).
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Even when started with SIGINT ignored (a background job), Ctrl-C/SIGINT stops cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         generator = pick_generator(args.loadgen)
     except SetupError as exc:
@@ -562,16 +578,18 @@ def build_report(
         config = configs.get(key, {}).get(phase)
         return None if config is None else config.get(field_name)
 
-    def ratio(x: float | None, y: float | None) -> float | None:
-        return None if x is None or y is None or y == 0 else round(x / y, 3)
-
-    def diff(x: float | None, y: float | None) -> float | None:
-        return None if x is None or y is None else round(x - y, 3)
-
+    phases_run = {name for phases in results.values() for name in phases}
     rps_a, rps_b, rps_c = (value(k, "load", "requests_per_s") for k in "abc")
     p50_added_latency = diff(value("b", "latency", "p50_ms"), value("a", "latency", "p50_ms"))
     p50_added_load = diff(value("b", "load", "p50_ms"), value("a", "load", "p50_ms"))
-    comparison = {
+    comparison: dict[str, Any] = {
+        # Pooled over all rounds; the per-round figures pair each round's b (or c) with the
+        # a of the same round, so a burst of noise from elsewhere spoils one pair, not all.
+        "b_over_a_per_round": per_round(results, "b", "a", "load", "requests_per_s", ratio),
+        "c_over_a_per_round": per_round(results, "c", "a", "load", "requests_per_s", ratio),
+        "p50_added_by_b_per_round_ms": per_round(
+            results, "b", "a", "latency" if "latency" in phases_run else "load", "p50_ms", diff
+        ),
         "b_over_a_requests_per_s": ratio(rps_b, rps_a),
         "c_over_a_requests_per_s": ratio(rps_c, rps_a),
         "p50_added_by_b_ms": p50_added_latency,
@@ -625,6 +643,32 @@ def build_report(
     }
 
 
+def per_round(
+    results: dict[str, dict[str, Phase]],
+    x: str,
+    y: str,
+    phase: str,
+    field_name: str,
+    combine: Callable[[float | None, float | None], float | None],
+) -> dict[str, Any] | None:
+    """``combine(x, y)`` for each round, and the median and range of those values."""
+    if x not in results or y not in results or phase not in results[x]:
+        return None
+    values = [
+        combine(rx.get(field_name), ry.get(field_name))
+        for rx, ry in zip(results[x][phase].rounds, results[y][phase].rounds, strict=True)
+    ]
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {
+        "values": values,
+        "median": round(statistics.median(present), 3),
+        "min": min(present),
+        "max": max(present),
+    }
+
+
 def print_report(report: dict[str, Any]) -> None:
     configs: dict[str, Any] = report["configs"]
     has_latency = report["settings"]["latency"]["duration_s"] > 0
@@ -649,34 +693,51 @@ def print_report(report: dict[str, Any]) -> None:
         print(row)
     comparison = report["comparison"]
     goals = report["goals"]
-    print()
-    print(
-        f"b/a req/s          {fmt(comparison['b_over_a_requests_per_s'], 3):>8s}"
-        f"   goal {goals['b_over_a_requests_per_s']['goal']:7s}"
-        f" {goals['b_over_a_requests_per_s']['verdict']}"
-    )
     measured_in = goals["p50_added_by_b_ms"]["measured_in"]
-    p50 = (
-        comparison["p50_added_by_b_ms"]
-        if measured_in == "latency"
-        else comparison["p50_added_by_b_under_load_ms"]
-    )
-    print(
-        f"p50 added by b ms  {fmt(p50, 3):>8s}"
-        f"   goal {goals['p50_added_by_b_ms']['goal']:7s}"
-        f" {goals['p50_added_by_b_ms']['verdict']}"
-        + (" (c=1)" if measured_in == "latency" else " (under load)")
-    )
+    p50 = comparison[
+        "p50_added_by_b_ms" if measured_in == "latency" else "p50_added_by_b_under_load_ms"
+    ]
+    lines = [
+        (
+            "b/a req/s",
+            comparison["b_over_a_requests_per_s"],
+            "b_over_a_requests_per_s",
+            "b_over_a_per_round",
+            "",
+        ),
+        (
+            "p50 added by b, ms",
+            p50,
+            "p50_added_by_b_ms",
+            "p50_added_by_b_per_round_ms",
+            " (1 connection)" if measured_in == "latency" else " (under load)",
+        ),
+        (
+            "c/a req/s",
+            comparison["c_over_a_requests_per_s"],
+            "c_over_a_requests_per_s",
+            "c_over_a_per_round",
+            "",
+        ),
+    ]
+    print()
+    for label, pooled, goal_key, rounds_key, note in lines:
+        goal = goals[goal_key]
+        spread = comparison.get(rounds_key)
+        rounds_text = (
+            f"  [rounds: median {spread['median']:.3f}, {spread['min']:.3f}..{spread['max']:.3f}]"
+            if spread
+            else ""
+        )
+        print(
+            f"{label:20s} {fmt(pooled, 3):>8s}   goal {goal['goal']:7s} {goal['verdict']}"
+            f"{note}{rounds_text}"
+        )
     if measured_in == "latency":
         print(
-            f"  (under load: {fmt(comparison['p50_added_by_b_under_load_ms'], 3)} ms,"
-            " mostly queueing behind the lower throughput)"
+            f"(p50 added under load: {fmt(comparison['p50_added_by_b_under_load_ms'], 3)} ms;"
+            " at saturation that is queueing behind the throughput difference)"
         )
-    print(
-        f"c/a req/s          {fmt(comparison['c_over_a_requests_per_s'], 3):>8s}"
-        f"   goal {goals['c_over_a_requests_per_s']['goal']:7s}"
-        f" {goals['c_over_a_requests_per_s']['verdict']}"
-    )
     print("(goals are reported, not asserted)")
 
 
