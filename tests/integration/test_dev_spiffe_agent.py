@@ -318,6 +318,8 @@ def test_startup_errors_are_clear(
     sock = str(sock_dir / "a.sock")
     code, err = run("--socket", sock, "--spiffe-id", "https://example.org/x")
     assert code == 1 and "is not a valid SPIFFE ID" in err
+    code, err = run("--socket", sock, "--spiffe-id", "spiffe://example.org")
+    assert code == 1 and "names a trust domain, not a workload" in err
 
     key_file = tmp_path / "k.pem"
     key_file.write_text("not a key")

@@ -496,9 +496,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
-        SpiffeId(args.spiffe_id)
+        workload_id = SpiffeId(args.spiffe_id)
     except Exception as exc:
         raise UserError(f"--spiffe-id {args.spiffe_id!r} is not a valid SPIFFE ID: {exc}") from None
+    if not workload_id.path:
+        # A bare trust domain ID names the trust domain, never a workload (SPIFFE-ID §2.3).
+        raise UserError(
+            f"--spiffe-id {args.spiffe_id!r} names a trust domain, not a workload; "
+            "add a path, e.g. spiffe://example.org/gateway"
+        )
     socket_path = Path(os.path.abspath(args.socket))
     try:
         key = load_or_create_signing_key(args.key_file, args.alg)
