@@ -207,6 +207,18 @@ class WorkloadApiSvidSource:
                 self._client = WorkloadApiClient(self._address, default_timeout=self._timeout)
             return self._client
 
+    async def _discard_client(self) -> None:
+        """Drop the client after a failure so the next call dials afresh.
+
+        A gRPC channel that lost its agent reconnects with exponential back-off (up to
+        minutes) and fails calls fast meanwhile; a new channel to a restarted agent's
+        socket connects at once.
+        """
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            await asyncio.to_thread(client.close)
+
     def _unavailable(self, what: str, exc: BaseException) -> SvidUnavailable:
         detail = _scrub(str(exc)) or type(exc).__name__
         return SvidUnavailable(f"{what} from the SPIFFE Workload API at {self._path}: {detail}")
@@ -243,6 +255,7 @@ class WorkloadApiSvidSource:
             except SvidUnavailable:
                 raise
             except Exception as exc:
+                await self._discard_client()
                 raise self._unavailable(
                     f"cannot fetch a JWT-SVID for audience {audience!r}", exc
                 ) from None
@@ -285,6 +298,7 @@ class WorkloadApiSvidSource:
             except SvidUnavailable:
                 raise
             except Exception as exc:
+                await self._discard_client()
                 raise self._unavailable("cannot fetch the JWT bundles", exc) from None
             self._bundles = (time.monotonic(), bundles)
             return json.loads(json.dumps(bundles))  # type: ignore[no-any-return]

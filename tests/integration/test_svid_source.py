@@ -125,7 +125,9 @@ async def test_default_socket_comes_from_the_environment(
         assert (await source.fetch_jwt_svid("x")).spiffe_id == SANDBOX_ID
 
 
-async def test_agent_gone_is_svid_unavailable(agent: Service) -> None:
+async def test_agent_gone_is_svid_unavailable_until_it_is_back(
+    agent: Service, services: list[Service], tmp_path: Path
+) -> None:
     socket_path = agent.ready["socket"]
     source = WorkloadApiSvidSource(socket_path, reuse_svids=False)
     try:
@@ -138,8 +140,19 @@ async def test_agent_gone_is_svid_unavailable(agent: Service) -> None:
         assert "cannot fetch a JWT-SVID for audience 'idp'" in message
         assert socket_path in message and token not in message
 
-        with pytest.raises(SvidUnavailable, match="cannot fetch the JWT bundles"):
+        # The stopped agent removed its socket, which the next call reports as such.
+        with pytest.raises(SvidUnavailable, match=r"socket .*a\.sock does not exist"):
             await source.fetch_jwt_bundles()
+
+        # The same source works again as soon as an agent serves the socket again.
+        restarted = start_service(
+            "spiffe-restarted",
+            ["dev", "spiffe", "--socket", socket_path, "--spiffe-id", SANDBOX_ID],
+            tmp_path,
+        )
+        services.append(restarted)
+        assert (await source.fetch_jwt_svid("idp")).spiffe_id == SANDBOX_ID
+        assert len(issued(restarted)) == 1
     finally:
         await source.close()
 
