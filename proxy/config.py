@@ -141,14 +141,15 @@ def parse_providers(data: object, source: str, profiles: dict[str, Profile]) -> 
         raw_providers = []
     seen: set[str] = set()
     for i, item in enumerate(raw_providers):
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                err(f"providers[{i}].name", f"duplicate provider name {name!r}")
+                continue
+            seen.add(name)
         provider = _parse_provider(item, f"providers[{i}]", profiles, err)
-        if provider is None:
-            continue
-        if provider.name in seen:
-            err(f"providers[{i}].name", f"duplicate provider name {provider.name!r}")
-            continue
-        seen.add(provider.name)
-        providers.append(provider)
+        if provider is not None:
+            providers.append(provider)
     if errors:
         raise ConfigError("\n".join(errors))
     return SupervisorConfig(sandbox=sandbox, providers=tuple(providers))

@@ -1,0 +1,234 @@
+"""The addons' decisions on synthetic flows (no network): header replacement, fail
+closed, Host check, redaction, eviction, passthrough. The integration tests repeat the
+important ones with real processes and clients."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from addons.audit import DECISION_KEY, Audit
+from addons.inject import REDACTED, Inject
+from addons.passthrough import Passthrough
+from proxy.config import ProviderConfig, SupervisorConfig
+from proxy.grants import GrantError, GrantResult, cache_key
+from proxy.routes import Route
+from proxy.supervisor import Supervisor, host_header_mismatch
+from tokenferry.profiles import Credential, Endpoint, Profile, TokenGrant
+from tokenferry.tokens import CachedToken, CacheKey, CacheOutcome
+
+TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+
+
+class FakeBroker:
+    def __init__(self, *, fail: str | None = None) -> None:
+        self.fail = fail
+        self.calls: list[Route] = []
+        self.evicted: list[tuple[CacheKey, str]] = []
+
+    async def obtain(self, route: Route) -> GrantResult:
+        self.calls.append(route)
+        if self.fail:
+            raise GrantError(route.provider, route.credential, self.fail)
+        token = CachedToken(value=TOKEN, obtained_at=0.0, lifetime=300.0)
+        return GrantResult(token, CacheOutcome.MISS, 0.01, cache_key(route))
+
+    def evict_token(self, key: CacheKey, value: str) -> bool:
+        self.evicted.append((key, value))
+        return True
+
+
+def supervisor(broker: FakeBroker | None = None, *, header: str = "Authorization") -> Supervisor:
+    grant = TokenGrant("client_credentials", "https://idp.example.org/realms/r/token")
+    profile = Profile(
+        id="orders-api",
+        credentials=(
+            Credential(
+                name="access_token",
+                auth_style="bearer" if header == "Authorization" else "header",
+                header_name=header,
+                token_grant=grant,
+            ),
+        ),
+        endpoints=(
+            Endpoint("api.example.org", 443, tls="terminate"),
+            Endpoint("plain.example.org", 80, tls="none"),
+        ),
+    )
+    sup = Supervisor()
+    sup.apply(SupervisorConfig("sb", (ProviderConfig("orders", 2, profile),)))
+    sup.broker = broker  # type: ignore[assignment]
+    return sup
+
+
+def flow(
+    host: str = "api.example.org",
+    port: int = 443,
+    scheme: str = "https",
+    path: str = "/v1/x?token=q",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> http.HTTPFlow:
+    f = tflow.tflow()
+    f.request.host = host
+    f.request.port = port
+    f.request.scheme = scheme
+    f.request.path = path
+    f.request.headers = http.Headers(headers or [(b"Host", host.encode())])
+    return f
+
+
+async def test_injection_replaces_every_same_named_header() -> None:
+    broker = FakeBroker()
+    f = flow(
+        headers=[
+            (b"Host", b"api.example.org"),
+            (b"authorization", b"Bearer sandbox"),
+            (b"AUTHORIZATION", b"Basic eA=="),
+        ]
+    )
+    await Inject(supervisor(broker)).requestheaders(f)
+    assert f.response is None
+    assert f.request.headers.get_all("Authorization") == [f"Bearer {TOKEN}"]
+    assert f.request.stream is True
+    assert f.metadata[DECISION_KEY]["outcome"] == "injected"
+    assert f.metadata[DECISION_KEY]["path"] == "/v1/x"
+    assert TOKEN not in json.dumps(f.metadata)
+
+
+async def test_header_style_sets_raw_value() -> None:
+    f = flow(headers=[(b"Host", b"api.example.org"), (b"x-api-key", b"mine")])
+    await Inject(supervisor(FakeBroker(), header="X-Api-Key")).requestheaders(f)
+    assert f.request.headers.get_all("X-Api-Key") == [TOKEN]
+
+
+async def test_grant_failure_is_closed_with_json_502() -> None:
+    f = flow()
+    await Inject(supervisor(FakeBroker(fail="token endpoint unavailable"))).requestheaders(f)
+    assert f.response is not None and f.response.status_code == 502
+    assert f.response.headers["Content-Type"] == "application/json"
+    assert json.loads(f.response.get_text() or "") == {
+        "error": "credential_unavailable",
+        "provider": "orders",
+        "credential": "access_token",
+        "detail": "token endpoint unavailable",
+    }
+    assert "Authorization" not in f.request.headers
+
+
+async def test_host_header_naming_another_host_gets_421() -> None:
+    broker = FakeBroker()
+    f = flow(headers=[(b"Host", b"evil.example.org")])
+    await Inject(supervisor(broker)).requestheaders(f)
+    assert f.response is not None and f.response.status_code == 421
+    assert broker.calls == []
+
+
+async def test_scheme_must_fit_tls_mode() -> None:
+    broker = FakeBroker()
+    f = flow(scheme="http", headers=[(b"Host", b"api.example.org:443")])
+    await Inject(supervisor(broker)).requestheaders(f)
+    assert broker.calls == [] and f.response is None
+    assert f.metadata[DECISION_KEY]["outcome"] == "not_injected"
+    g = flow(
+        host="plain.example.org", port=80, scheme="http", headers=[(b"Host", b"plain.example.org")]
+    )
+    await Inject(supervisor(broker)).requestheaders(g)
+    assert g.request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_unmatched_request_is_untouched() -> None:
+    f = flow(host="other.org", headers=[(b"Host", b"other.org"), (b"Authorization", b"mine")])
+    await Inject(supervisor(FakeBroker())).requestheaders(f)
+    assert f.request.headers.get_all("Authorization") == ["mine"]
+    assert DECISION_KEY not in f.metadata
+
+
+async def test_response_redacts_header_and_401_evicts() -> None:
+    broker = FakeBroker()
+    addon = Inject(supervisor(broker))
+    f = flow()
+    await addon.requestheaders(f)
+    f.response = http.Response.make(401)
+    addon.responseheaders(f)
+    assert f.response.stream is True
+    assert f.request.headers["Authorization"] == REDACTED
+    assert [v for _, v in broker.evicted] == [TOKEN]
+    assert f.metadata[DECISION_KEY]["evicted"] is True
+    # A 200 evicts nothing.
+    g = flow()
+    await addon.requestheaders(g)
+    g.response = http.Response.make(200)
+    addon.responseheaders(g)
+    assert len(broker.evicted) == 1
+
+
+async def test_error_hook_redacts_too() -> None:
+    addon = Inject(supervisor(FakeBroker()))
+    f = flow()
+    await addon.requestheaders(f)
+    addon.error(f)
+    assert f.request.headers["Authorization"] == REDACTED
+
+
+def test_passthrough_intercepts_only_terminate_targets() -> None:
+    addon = Passthrough(supervisor(FakeBroker()))
+
+    def hello(address: tuple[str, int] | None) -> Any:
+        return SimpleNamespace(
+            context=SimpleNamespace(server=SimpleNamespace(address=address)),
+            ignore_connection=False,
+        )
+
+    for address, ignored in (
+        (("api.example.org", 443), False),
+        (("API.example.org", 443), False),
+        (("api.example.org", 8443), True),
+        (("plain.example.org", 80), True),
+        (("elsewhere.org", 443), True),
+        (None, True),
+    ):
+        data = hello(address)
+        addon.tls_clienthello(data)
+        assert data.ignore_connection is ignored, address
+
+
+def test_deny_mode_refuses_unmatched_with_403() -> None:
+    addon = Passthrough(supervisor(FakeBroker()))
+    addon.deny_unmatched = True
+    f = flow(host="elsewhere.org")
+    addon.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 403
+    assert json.loads(f.response.get_text() or "")["error"] == "destination_not_allowed"
+    g = flow()
+    addon.requestheaders(g)
+    assert g.response is None
+
+
+def test_audit_logs_one_line_without_secrets(caplog: Any) -> None:
+    sup = supervisor(FakeBroker())
+    f = flow()
+    f.metadata[DECISION_KEY] = {
+        "provider": "orders",
+        "credential": "access_token",
+        "outcome": "injected",
+    }
+    audit = Audit(sup)
+    with caplog.at_level("INFO", logger="tokenferry.decision"):
+        audit.requestheaders(f)
+        audit.requestheaders(f)  # logged once per request
+    records = [r for r in caplog.records if r.name == "tokenferry.decision"]
+    assert len(records) == 1
+    assert records[0].__dict__["sandbox"] == "sb"
+
+
+def test_host_header_mismatch_rules() -> None:
+    assert not host_header_mismatch(None, "api.example.org", 443)
+    assert not host_header_mismatch("API.example.org", "api.example.org", 443)
+    assert not host_header_mismatch("api.example.org:443", "api.example.org", 443)
+    assert host_header_mismatch("api.example.org:444", "api.example.org", 443)
+    assert host_header_mismatch("evil.org", "api.example.org", 443)
+    assert not host_header_mismatch("[::1]:8080", "::1", 8080)
