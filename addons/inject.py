@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,19 @@ logger = logging.getLogger("tokenferry.proxy")
 REDACTED = "[redacted by tokenferry]"
 
 
-@dataclass(frozen=True)
 class _Injected:
-    """What we need after the response: never stored in flow.metadata (that is saved)."""
+    """What we need after the response: never stored in flow.metadata (that is saved).
 
-    key: CacheKey
-    value: str
-    header_name: str
+    A plain class, not a dataclass: mitmproxy loads this file as a script without
+    registering it in ``sys.modules``, which dataclasses need.
+    """
+
+    __slots__ = ("header_name", "key", "value")
+
+    def __init__(self, key: CacheKey, value: str, header_name: str) -> None:
+        self.key = key
+        self.value = value
+        self.header_name = header_name
 
     def __repr__(self) -> str:
         return f"_Injected(header_name={self.header_name!r})"
@@ -76,6 +81,21 @@ class Inject:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        try:
+            await self._decide(flow)
+        except Exception:
+            # A bug must not turn into forwarding (possibly with the sandbox's own header
+            # on a protected route): answer 502 like any other failure.
+            logger.exception("injection failed unexpectedly")
+            if hasattr(flow, _INJECTED_ATTR):
+                delattr(flow, _INJECTED_ATTR)
+            _respond(
+                flow,
+                502,
+                error_body("credential_unavailable", None, None, "internal error in the proxy"),
+            )
+
+    async def _decide(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         path = strip_query(request.path)
         route = self.supervisor.table.lookup(request.host, request.port, path)
@@ -150,6 +170,14 @@ class Inject:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy appends every message to the flow; on a long-lived connection that
+        # is unbounded memory. Keep only the current one (hooks after ours may read
+        # messages[-1]) unless the user asked mitmproxy to save flows.
+        saving = "save_stream_file" in ctx.options and ctx.options.save_stream_file
+        if flow.websocket is not None and not saving:
+            del flow.websocket.messages[:-1]
 
     def _finish(self, flow: http.HTTPFlow) -> _Injected | None:
         """The request has left: redact our header so a saved flow never holds it."""

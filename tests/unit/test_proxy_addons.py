@@ -9,7 +9,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from mitmproxy import http
-from mitmproxy.test import tflow
+from mitmproxy.addons import save
+from mitmproxy.test import taddons, tflow
 
 from addons.audit import DECISION_KEY, Audit
 from addons.inject import REDACTED, Inject
@@ -232,3 +233,24 @@ def test_host_header_mismatch_rules() -> None:
     assert host_header_mismatch("api.example.org:444", "api.example.org", 443)
     assert host_header_mismatch("evil.org", "api.example.org", 443)
     assert not host_header_mismatch("[::1]:8080", "::1", 8080)
+
+
+class ExplodingBroker(FakeBroker):
+    async def obtain(self, route: Route) -> GrantResult:
+        raise RuntimeError("bug")
+
+
+async def test_unexpected_error_fails_closed() -> None:
+    f = flow(headers=[(b"Host", b"api.example.org"), (b"Authorization", b"Bearer sandbox")])
+    await Inject(supervisor(ExplodingBroker())).requestheaders(f)
+    assert f.response is not None and f.response.status_code == 502
+    assert json.loads(f.response.get_text() or "")["detail"] == "internal error in the proxy"
+
+
+def test_websocket_messages_are_not_retained() -> None:
+    f = tflow.twebsocketflow()
+    assert f.websocket is not None and len(f.websocket.messages) > 1
+    last = f.websocket.messages[-1]
+    with taddons.context(save.Save()):  # type: ignore[no-untyped-call]
+        Inject(supervisor(FakeBroker())).websocket_message(f)
+    assert f.websocket.messages == [last]
