@@ -155,6 +155,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="load generator: hey, the Python fallback, or auto (hey when installed)",
     )
+    parser.add_argument(
+        "--proxy-log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="--log-level for tokenferry proxy (default: its own default, info, which"
+        " writes one decision line per request); e.g. warning to see what that line costs",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(
         "--keep-tmp", action="store_true", help="keep the temporary directory with the logs"
@@ -229,7 +236,7 @@ def write_tokenferry_config(directory: Path, token_endpoint: str, port: int) -> 
 
 
 def start_tokenferry(
-    procs: ProcessSet, tmp: Path, ca_file: Path, inject_port: int
+    procs: ProcessSet, tmp: Path, ca_file: Path, inject_port: int, log_level: str | None
 ) -> tuple[str, str]:
     """Dev SPIFFE agent, dev IdP and the proxy; returns (proxy_url, idp_issuer)."""
     socket_path = tmp / "spiffe.sock"
@@ -286,6 +293,7 @@ def start_tokenferry(
             str(profiles),
             "--providers",
             str(providers),
+            *(["--log-level", log_level] if log_level else []),
         ),
     )
     return str(proxy.ready["proxy_url"]), str(idp.ready["issuer"])
@@ -427,12 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency_duration > 0:
         phases.append(("latency", 1, args.latency_duration))
     per_round = sum(duration + 0.5 for _, _, duration in phases) * len(args.configs)
+    estimate = per_round * args.rounds + 20
     print(
         f"tokenferry bench: configs {','.join(args.configs)}, {args.rounds} rounds,"
         f" load -c {args.concurrency} for {args.duration:g}s"
         + (f", latency -c 1 for {args.latency_duration:g}s" if args.latency_duration else "")
-        + f", generator {generator}; about {per_round * args.rounds + 20:.0f}s"
+        + f", generator {generator}; about {estimate:.0f}s"
     )
+    if estimate > 300:
+        print("note: these settings take longer than the five minutes make bench aims for")
 
     tmp = Path(tempfile.mkdtemp(prefix="tfbench-"))
     procs = ProcessSet(tmp / "logs")
@@ -475,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"(a) bare mitmdump could not start: {exc}")
         if {"b", "c"} & set(args.configs):
             try:
-                proxy_url, issuer = start_tokenferry(procs, tmp, ca_file, inject_port)
+                proxy_url, issuer = start_tokenferry(
+                    procs, tmp, ca_file, inject_port, args.proxy_log_level
+                )
             except (StartFailed, SetupError, KeyError) as exc:
                 failures.append(f"tokenferry proxy (b, c) could not start: {exc}")
             else:
@@ -626,6 +639,7 @@ def build_report(
             "load": {"concurrency": args.concurrency, "duration_s": args.duration},
             "latency": {"concurrency": 1, "duration_s": args.latency_duration},
             "generator": generator,
+            "proxy_log_level": args.proxy_log_level,
         },
         "machine": {
             "platform": platform.platform(),
