@@ -18,6 +18,9 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tokenferry.cli.profile",
     "tokenferry.cli.proxy",
     "tokenferry.cli.gateway",
+    "tokenferry.cli.provider",
+    "tokenferry.cli.sandbox",
+    "tokenferry.cli.login",
 )
 
 

@@ -1,7 +1,9 @@
 """``tokenferry profile …``: work with provider profiles (SPEC §2, §7).
 
 ``profile lint FILE…`` validates profile files locally, printing every problem of every
-file (not just the first) and exiting 1 when any file has an error.
+file (not just the first) and exiting 1 when any file has an error. ``profile import
+FILE`` validates locally the same way, then registers the profile at the gateway;
+``profile list`` and ``profile show ID`` read the gateway's profiles.
 """
 
 from __future__ import annotations
@@ -11,9 +13,24 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
+from tokenferry.cli.common import (
+    add_command,
+    add_gateway_options,
+    add_output_option,
+    format_time,
+    info,
+    output_format,
+    print_fields,
+    print_json,
+    print_table,
+    run_gateway,
+)
 from tokenferry.profiles import Problem, Profile, ProfileError, load_profile_file, profile_files
+
+if TYPE_CHECKING:
+    from gateway_client import GatewayClient, ProfileRecord
 
 
 @dataclass(frozen=True)
@@ -123,10 +140,167 @@ def run_lint(args: argparse.Namespace) -> int:
     return 0 if all(r.valid for r in results) else 1
 
 
+# --------------------------------------------------------------------------- gateway
+
+
+def _print_problems(problems: tuple[Problem, ...] | list[Problem], prefix: str = "") -> None:
+    for problem in problems:
+        print(f"{problem.severity}: {prefix}{problem}", file=sys.stderr)
+
+
+def _server_problems(exc: Exception) -> list[Problem]:
+    raw = getattr(exc, "extra", {}).get("problems")
+    problems: list[Problem] = []
+    if isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, dict):
+                problems.append(
+                    Problem(
+                        source="gateway",
+                        path=str(item.get("path", "")),
+                        message=str(item.get("message", "")),
+                        severity="error" if item.get("severity", "error") == "error" else "warning",
+                    )
+                )
+    return problems
+
+
+def show_profile_record(args: argparse.Namespace, record: ProfileRecord) -> None:
+    if output_format(args) == "json":
+        print_json(record)
+        return
+    profile = record.profile()
+    print_fields(
+        [
+            ("id", record.id),
+            ("display_name", record.display_name),
+            ("description", record.description),
+            ("category", record.category),
+            ("created", format_time(record.created_at)),
+        ]
+    )
+    broker_only = profile.broker_only_credentials()
+    rows: list[tuple[str, str, str | None, str | None, str | None]] = []
+    for credential in profile.credentials:
+        grant = credential.token_grant
+        if grant is None:
+            kind = "subject (gateway only)" if credential.name in broker_only else "static"
+            rows.append((credential.name, kind, None, None, None))
+            continue
+        subject = grant.subject_token.credential if grant.subject_token else None
+        rows.append(
+            (
+                credential.name,
+                grant.grant_type,
+                grant.audience,
+                " ".join(grant.scopes),
+                subject,
+            )
+        )
+    print_table(("CREDENTIAL", "KIND", "AUDIENCE", "SCOPES", "SUBJECT CREDENTIAL"), rows)
+    print_table(
+        ("HOST", "PORT", "PATH", "TLS"),
+        [(e.host, e.port, e.path or "(any)", e.tls) for e in profile.endpoints],
+    )
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from tokenferry.cli.main import UserError
+
+    # Local validation first: every problem at once, and nothing is sent when invalid.
+    result = lint_file(args.file)
+    _print_problems(result.errors)
+    _print_problems(result.warnings)
+    if not result.valid:
+        raise UserError(
+            f"{args.file}: {_plural(len(result.errors), 'error')}; "
+            "nothing was sent to the gateway (see tokenferry profile lint)"
+        )
+    try:
+        source = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {args.file}: {exc}") from None
+
+    async def call(client: GatewayClient) -> ProfileRecord:
+        from gateway_client import InvalidRequest
+
+        try:
+            return await client.create_profile(source)
+        except InvalidRequest as exc:
+            problems = _server_problems(exc)
+            if not problems:
+                raise
+            _print_problems(problems)
+            raise UserError(
+                f"the gateway rejected {args.file}: {_plural(len(problems), 'problem')}"
+            ) from None
+
+    record = run_gateway(args, call)
+    # Warnings the gateway found that the local check did not (a newer gateway).
+    local = {(w.path, w.message) for w in result.warnings}
+    _print_problems([w for w in record.warnings if (w.path, w.message) not in local], "gateway: ")
+    info(f"profile {record.id!r} imported")
+    show_profile_record(args, record)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    async def call(client: GatewayClient) -> list[ProfileRecord]:
+        return await client.list_profiles()
+
+    records = run_gateway(args, call)
+    if output_format(args) == "json":
+        print_json({"profiles": records})
+        return 0
+    rows = []
+    for record in records:
+        profile = record.profile()
+        rows.append(
+            (
+                record.id,
+                record.display_name,
+                record.category,
+                ", ".join(c.name for c in profile.credentials),
+                len(profile.endpoints),
+            )
+        )
+    print_table(("ID", "NAME", "CATEGORY", "CREDENTIALS", "ENDPOINTS"), rows)
+    if not records:
+        info("no profiles")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    async def call(client: GatewayClient) -> ProfileRecord:
+        return await client.get_profile(args.id)
+
+    record = run_gateway(args, call)
+    if args.source:
+        sys.stdout.write(record.source if record.source.endswith("\n") else record.source + "\n")
+        return 0
+    show_profile_record(args, record)
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    async def call(client: GatewayClient) -> None:
+        await client.delete_profile(args.id)
+
+    run_gateway(args, call)
+    info(f"profile {args.id!r} deleted")
+    if output_format(args) == "json":
+        print_json({"id": args.id, "deleted": True})
+    return 0
+
+
 def register(subparsers: Any) -> None:
     profile = subparsers.add_parser(
-        "profile", help="provider profiles: validate", description=__doc__
+        "profile",
+        help="provider profiles: lint locally; import, list, show at the gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_gateway_options(profile)
     profile_sub = profile.add_subparsers(dest="profile_command", metavar="COMMAND", required=True)
     lint: argparse.ArgumentParser = profile_sub.add_parser(
         "lint",
@@ -142,10 +316,21 @@ def register(subparsers: Any) -> None:
         metavar="FILE",
         help="profile file(s) to check; a directory means its *.yaml, *.yml and *.json files",
     )
-    lint.add_argument(
-        "--output",
-        choices=("table", "json"),
-        default=argparse.SUPPRESS,
-        help="output format (default: table, human-readable lines)",
-    )
+    add_output_option(lint)
     lint.set_defaults(func=run_lint)
+
+    imp = add_command(
+        profile_sub,
+        "import",
+        run_import,
+        help="validate a profile file, then register it at the gateway",
+    )
+    imp.add_argument("file", metavar="FILE", help="profile file (YAML or JSON)")
+    add_command(profile_sub, "list", run_list, help="list the gateway's profiles")
+    show = add_command(profile_sub, "show", run_show, help="show one registered profile")
+    show.add_argument("id", metavar="ID")
+    show.add_argument(
+        "--source", action="store_true", help="print the profile's YAML/JSON source as imported"
+    )
+    delete = add_command(profile_sub, "delete", run_delete, help="delete a profile (admins only)")
+    delete.add_argument("id", metavar="ID")
