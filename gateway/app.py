@@ -114,12 +114,15 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-async def serve(config: GatewayConfig, *, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT)."""
+async def serve(
+    config: GatewayConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    identity_wait: float = IDENTITY_WAIT_SECONDS,
+) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT); StartupError if it cannot start."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
     try:
         db_path = parse_database_option(config.db)
@@ -147,7 +150,7 @@ async def serve(config: GatewayConfig, *, stop: asyncio.Event | None = None) -> 
             )
         except ValueError as exc:
             raise StartupError(str(exc)) from None
-        identity = await discover_identity(svid_source, IDENTITY_WAIT_SECONDS)
+        identity = await discover_identity(svid_source, identity_wait)
         trust_domains = frozenset(config.trust_domains or (identity.trust_domain,))
         supervisor_audience = config.supervisor_audience or identity.spiffe_id
 
@@ -218,7 +221,13 @@ async def serve(config: GatewayConfig, *, stop: asyncio.Event | None = None) -> 
         announce_ready(
             "gateway", url=addresses[0], admin_url=addresses[1], spiffe_id=identity.spiffe_id
         )
-        await stop.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         log.info("gateway stopping")
     finally:
         for runner in reversed(runners):

@@ -28,6 +28,7 @@ from typing import Any, Protocol, Self
 from urllib.parse import quote
 
 import aiohttp
+from multidict import CIMultiDict
 
 from gateway_client._exceptions import (
     ERRORS_BY_CODE,
@@ -189,7 +190,7 @@ class GatewayClient:
             ) as response:
                 raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
                 status = response.status
-                response_headers = dict(response.headers)
+                response_headers = CIMultiDict(response.headers)
         except (aiohttp.ClientConnectionError, aiohttp.InvalidURL, TimeoutError) as exc:
             raise GatewayUnreachable(
                 f"cannot reach the gateway at {self.base_url}: {type(exc).__name__}"
