@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -289,5 +290,7 @@ async def test_fresh_login_refresh_failure_says_what_to_do(tmp_path: Path) -> No
 
 
 async def test_fresh_login_not_logged_in(tmp_path: Path) -> None:
-    with pytest.raises(LoginError, match="not logged in to http://127.0.0.1:8443: run tokenferry"):
+    with pytest.raises(
+        LoginError, match=re.escape("not logged in to http://127.0.0.1:8443: run tokenferry")
+    ):
         await fresh_login(TokenStore(tmp_path), "http://127.0.0.1:8443/")
