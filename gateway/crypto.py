@@ -93,7 +93,10 @@ def parse_keys(text: str, source: str) -> list[bytes]:
         if not line or line.startswith("#"):
             continue
         try:
-            key = base64.urlsafe_b64decode(line + "=" * (-len(line) % 4))
+            # Accept both alphabets: `base64` and `openssl rand -base64 32` write +/.
+            padded = line.replace("+", "-").replace("/", "_").rstrip("=")
+            padded += "=" * (-len(padded) % 4)
+            key = base64.b64decode(padded, altchars=b"-_", validate=True)
         except (binascii.Error, ValueError) as exc:
             raise KeyConfigError(f"{source}: line {lineno}: not base64") from exc
         if len(key) != KEY_BYTES:
