@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.client import HTTPSConnection
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,9 @@ class Sent:
 def _request_headers(flow: http.HTTPFlow) -> tuple[list[tuple[str, str]], Sent]:
     headers: list[tuple[str, str]] = []
     sandbox_authorization: str | None = None
-    for name, value in flow.request.headers.items(multi=True):
+    fields: Any = flow.request.headers.fields  # (bytes, bytes) pairs, repeats kept
+    for raw_name, raw_value in fields:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
         lower = name.lower()
         if lower in HOP_HEADERS:
             continue
@@ -324,11 +327,45 @@ def test_committed_flow_file_holds_no_credentials(flow_file: Path | None) -> Non
         assert "cookie" not in flow.request.headers or flow.request.headers["cookie"] == REDACTED
 
 
+def test_header_tap_sees_duplicate_fields(replay: Replay) -> None:
+    # The instrument the replay relies on: duplicates and spelling survive, and several
+    # requests on one connection are told apart.
+    capture = replay.stack.capture(tls=True)
+    tap = HeaderTap(
+        "127.0.0.1",
+        capture.port,
+        cert=replay.stack.tls_dir / "server.pem",
+        key=replay.stack.tls_dir / "server-key.pem",
+        ca=replay.stack.upstream_ca,
+    ).start()
+    try:
+        context = ssl.create_default_context(cafile=str(replay.stack.upstream_ca))
+        conn = HTTPSConnection("127.0.0.1", tap.port, context=context, timeout=10)
+        conn.putrequest("GET", "/dup?x=1")
+        conn.putheader("Authorization", "Bearer first")
+        conn.putheader("AUTHORIZATION", "Bearer second")
+        conn.endheaders()
+        assert conn.getresponse().read() == b'{"captured": true}'
+        conn.request("PUT", "/next", body=b"0123456789")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        tap.stop()
+    assert [(t.method, t.target) for t in tap.requests] == [("GET", "/dup?x=1"), ("PUT", "/next")]
+    assert tap.requests[0].values("authorization") == ["Bearer first", "Bearer second"]
+    assert tap.requests[1].values("Authorization") == []
+    assert tap.parse_errors == []
+    # The capture server behind the tap got both requests unchanged.
+    assert capture.requests[0].values("Authorization") == ["Bearer first", "Bearer second"]
+
+
 def test_scrubbing_removes_credentials_the_check_would_find(tmp_path: Path) -> None:
     token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXZhbHVl"
     flow = tflow.twebsocketflow()
     flow.request.headers["Authorization"] = f"Bearer {token}"
     flow.request.headers["Cookie"] = "session=abc"
+    flow.request.headers.add("X-Forwarded-Token", token)
+    flow.request.headers.add("X-Forwarded-Token", "plain")
     flow.request.path = f"/cb?code={token}"
     flow.request.content = json.dumps({"access_token": token}).encode()
     assert flow.response is not None and flow.websocket is not None
@@ -336,13 +373,16 @@ def test_scrubbing_removes_credentials_the_check_would_find(tmp_path: Path) -> N
     flow.websocket.messages[0].content = token.encode()
     raw = tmp_path / "raw.mitm"
     write_flows(raw, [flow])
-    assert len(credential_findings(raw.read_bytes())) >= 5  # the check can fail
+    assert len(credential_findings(raw.read_bytes())) >= 6  # the check can fail
 
     scrub_flow(flow)
     clean = tmp_path / "clean.mitm"
     write_flows(clean, [flow])
     assert credential_findings(clean.read_bytes()) == []
-    assert read_flows(clean)[0].request.headers["Authorization"] == REDACTED
+    headers = read_flows(clean)[0].request.headers
+    assert headers["Authorization"] == REDACTED
+    assert headers["Cookie"] == REDACTED
+    assert headers.get_all("X-Forwarded-Token") == ["[redacted jwt]", "plain"]
 
 
 @pytest.mark.parametrize("flow_file", FLOW_PARAMS)

@@ -46,10 +46,9 @@ def _scrub_headers(headers: http.Headers) -> None:
         if name in headers:
             # Keep the field (replay must know the sandbox sent one), never its value.
             headers[name] = REDACTED
-    for name, value in list(headers.items(multi=True)):
-        cleaned = _JWT_BYTES.sub(REDACTED_JWT, value.encode("latin-1", "replace"))
-        if cleaned != value.encode("latin-1", "replace"):
-            headers.set_all(name, [cleaned.decode("latin-1")])
+    # Field by field, so repeated fields stay separate and in order.
+    fields: Any = headers.fields
+    headers.fields = tuple((name, _JWT_BYTES.sub(REDACTED_JWT, value)) for name, value in fields)
 
 
 def _scrub_message(message: http.Message) -> None:
@@ -101,7 +100,8 @@ def read_flows(path: Path) -> list[http.HTTPFlow]:
 
 def write_flows(path: Path, flows: Iterable[http.HTTPFlow]) -> None:
     with path.open("wb") as f:
-        writer = io.FlowWriter(f)
+        make_writer: Any = io.FlowWriter  # untyped in mitmproxy
+        writer = make_writer(f)
         for flow in flows:
             writer.add(flow)
 
