@@ -90,9 +90,17 @@ def build_api_app(
 
 
 METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
+STORE_KEY = web.AppKey("store", Store)
+HEALTH_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+            await request.app[STORE_KEY].ping()
+    except Exception as exc:
+        log.warning("health check failed", extra={"error_type": type(exc).__name__})
+        return web.json_response({"status": "unavailable", "database": "error"}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -101,9 +109,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_admin_app(metrics: GatewayMetrics) -> web.Application:
+def build_admin_app(metrics: GatewayMetrics, store: Store) -> web.Application:
     app = web.Application()
     app[METRICS_KEY] = metrics
+    app[STORE_KEY] = store
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
     return app
@@ -192,7 +201,7 @@ async def serve(
         addresses = []
         for application, host, port in (
             (app, config.listen_host, config.listen_port),
-            (build_admin_app(metrics), config.admin_host, config.admin_port),
+            (build_admin_app(metrics, store), config.admin_host, config.admin_port),
         ):
             runner = web.AppRunner(application, access_log=None, handle_signals=False)
             await runner.setup()

@@ -447,6 +447,11 @@ class Store:
     async def close(self) -> None:
         await self._conn.close()
 
+    async def ping(self) -> None:
+        """Raise if the database does not answer (for /healthz)."""
+        async with self.read() as tx:
+            await tx._one("SELECT 1")
+
     async def schema_version(self) -> int:
         async with self._conn.execute("SELECT MAX(version) FROM schema_version") as cursor:
             row = await cursor.fetchone()
