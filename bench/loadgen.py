@@ -126,7 +126,10 @@ def run_load(
         command += ["-n", str(max(requests or 0, concurrency))]
     command.append(url)
     budget = (duration_s or 30.0) + timeout_s + 30.0
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=budget, check=False)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=budget, check=False)
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"{generator} did not finish within {budget:.0f}s") from None
     if proc.returncode != 0:
         raise LoadError(f"{generator} exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     errors: int | None = None

@@ -56,6 +56,13 @@ def _read_connect_reply(sock: socket.socket) -> int:
 def probe(
     proxy_url: str, host: str, port: int, path: str = "/", timeout: float = 15.0
 ) -> ProbeResult:
+    try:
+        return _probe(proxy_url, host, port, path, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        raise ProbeError(f"request through {proxy_url} to {host}:{port} failed: {exc!r}") from None
+
+
+def _probe(proxy_url: str, host: str, port: int, path: str, timeout: float) -> ProbeResult:
     proxy = urlsplit(proxy_url)
     with socket.create_connection(
         (proxy.hostname or "127.0.0.1", proxy.port or 80), timeout
@@ -97,6 +104,8 @@ def upstream_stats(port: int, ca_file: Path) -> dict[int, dict[str, int]]:
         connection.request("GET", "/_stats")
         response = connection.getresponse()
         data = json.loads(response.read())
+        return {int(key): {k: int(v) for k, v in value.items()} for key, value in data.items()}
+    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
+        raise ProbeError(f"cannot read the upstream's counters: {exc!r}") from None
     finally:
         connection.close()
-    return {int(key): {k: int(v) for k, v in value.items()} for key, value in data.items()}

@@ -672,9 +672,12 @@ def per_round(
     """``combine(x, y)`` for each round, and the median and range of those values."""
     if x not in results or y not in results or phase not in results[x]:
         return None
+    # Pair by round number: an interrupted run can leave x one round short of y.
+    y_rounds = {r["round"]: r for r in results[y][phase].rounds}
     values = [
-        combine(rx.get(field_name), ry.get(field_name))
-        for rx, ry in zip(results[x][phase].rounds, results[y][phase].rounds, strict=True)
+        combine(rx.get(field_name), y_rounds[rx["round"]].get(field_name))
+        for rx in results[x][phase].rounds
+        if rx["round"] in y_rounds
     ]
     present = [v for v in values if v is not None]
     if not present:
