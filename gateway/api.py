@@ -461,6 +461,12 @@ async def intermediate_token(request: web.Request) -> web.Response:
         outcome = "ok"
     except ApiError as exc:
         outcome = exc.code
+        # Refusals are logged too (code and detail never hold a token); details can quote
+        # caller-supplied names, so they are cut short.
+        log.info(
+            "intermediate token refused",
+            extra={"error": exc.code, "status": exc.status, "detail": exc.detail[:300]},
+        )
         raise
     finally:
         metrics.broker_requests.labels(outcome).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,8 +41,17 @@ A = sandbox_id("a")
 B = sandbox_id("b")
 
 
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 async def _setup(stack: GatewayStack, alice_token: str) -> None:
+    nowhere = f"http://127.0.0.1:{closed_port()}/realms/dev/protocol/openid-connect/token"
     async with stack.admin() as admin:
+        await admin.create_profile(exchange_profile_yaml("nowhere-api", nowhere))
+        await admin.create_provider("nowhere", "nowhere-api", {"user_token": alice_token})
         await admin.create_profile(exchange_profile_yaml("orders-api", stack.token_endpoint))
         await admin.create_profile(
             client_credentials_profile_yaml("reports-api", stack.token_endpoint)
@@ -73,6 +83,7 @@ async def _setup(stack: GatewayStack, alice_token: str) -> None:
                 "expired-subject",
                 "garbage-subject",
                 "reports",
+                "nowhere",
             ],
         )
         await admin.put_sandbox("b", B, ["orders", "orders-b"])
@@ -203,6 +214,7 @@ async def test_other_trust_domain_is_401(stack: GatewayStack) -> None:
     token = stack.sign_svid(sub="spiffe://evil.example/sandbox/a")
     status, answer = await post(stack, GOOD, bearer(token))
     assert (status, answer["error"]) == (401, "unauthenticated")
+    assert "trust domain" in answer["detail"]
 
 
 # --- 403/404/409: registrations and stored state ----------------------------------------
@@ -264,6 +276,15 @@ async def test_idp_refusal_is_502_with_its_sanitised_error(stack: GatewayStack) 
     assert "identity provider refused" in caught.value.detail
     assert "invalid_grant" in caught.value.detail or "invalid_request" in caught.value.detail
     assert "not-a-token-the-idp-knows" not in caught.value.detail
+
+
+async def test_idp_unreachable_is_502_saying_unreachable(stack: GatewayStack) -> None:
+    client, source = stack.supervisor("a")
+    async with client:
+        with pytest.raises(IdpError, match="unreachable") as caught:
+            await client.intermediate_token("nowhere", "access_token")
+    await source.close()
+    assert caught.value.status == 502
 
 
 # --- the happy path and the isolation of sandboxes ----------------------------------------
