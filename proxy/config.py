@@ -36,6 +36,26 @@ _PROVIDER_KEYS = ("name", "profile", "revision")
 _TOP_KEYS = ("sandbox", "providers")
 
 
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_host: str = "127.0.0.1") -> Address:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = default_host, text
+        host = host.strip("[]") or default_host
+        try:
+            number = int(port)
+        except ValueError:
+            raise ValueError(f"{text!r}: expected HOST:PORT") from None
+        if not 0 <= number <= 65535:
+            raise ValueError(f"{text!r}: port must be 0-65535")
+        return cls(host, number)
+
+
 class ConfigError(ValueError):
     """The supervisor configuration is unusable; the message names file and field."""
 

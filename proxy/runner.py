@@ -26,7 +26,7 @@ from mitmproxy.addons import errorcheck
 from addons.audit import Audit
 from addons.inject import Inject
 from addons.passthrough import Passthrough
-from proxy.config import ConfigSource, SupervisorConfig
+from proxy.config import Address, ConfigSource, SupervisorConfig
 from proxy.grants import IdentityOptions, open_broker
 from proxy.metrics import CONTENT_TYPE_LATEST
 from proxy.supervisor import Supervisor
@@ -40,26 +40,6 @@ UPSTREAM_TRUST_FILE = "tokenferry-upstream-trust.pem"
 
 class StartupError(Exception):
     """The supervisor cannot start; the message says why (no traceback for users)."""
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, default_host: str = "127.0.0.1") -> Address:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = default_host, text
-        host = host.strip("[]") or default_host
-        try:
-            number = int(port)
-        except ValueError:
-            raise ValueError(f"{text!r}: expected HOST:PORT") from None
-        if not 0 <= number <= 65535:
-            raise ValueError(f"{text!r}: port must be 0-65535")
-        return cls(host, number)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -178,8 +179,14 @@ class Stack:
             idp = start_service("idp", [*idp_args, "--listen", "127.0.0.1:0"], logs)
             started.append(idp)
             tls_dir = root / "upstream-tls"
-            ups: dict[str, Service] = {}
-            for name, (audience, scopes) in upstreams.items():
+            # The first HTTPS upstream creates the shared test CA; start it alone, then
+            # the others in parallel (start-up is mostly interpreter import time).
+            names = list(upstreams)
+            first_tls = next((n for n in names if n not in plain_upstreams), None)
+            order = ([first_tls] if first_tls else []) + [n for n in names if n != first_tls]
+
+            def launch(name: str) -> Service:
+                audience, scopes = upstreams[name]
                 args = [
                     "dev",
                     "upstream",
@@ -194,8 +201,23 @@ class Stack:
                     args += ["--scope", scope]
                 if name not in plain_upstreams:
                     args += ["--tls-self-signed", str(tls_dir)]
-                ups[name] = start_service(f"upstream-{name}", args, logs)
-                started.append(ups[name])
+                return start_service(f"upstream-{name}", args, logs)
+
+            ups: dict[str, Service] = {}
+            if order:
+                ups[order[0]] = launch(order[0])
+                started.append(ups[order[0]])
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                futures = {name: pool.submit(launch, name) for name in order[1:]}
+                errors: list[BaseException] = []
+                for name, future in futures.items():
+                    try:
+                        ups[name] = future.result()
+                        started.append(ups[name])
+                    except BaseException as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
         except BaseException:
             for service in reversed(started):
                 service.stop()

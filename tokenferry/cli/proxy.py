@@ -14,7 +14,7 @@ DEFAULT_CONFDIR = "~/.mitmproxy"
 
 
 def _address(text: str) -> Any:
-    from proxy.runner import Address
+    from proxy.config import Address
 
     try:
         return Address.parse(text)
