@@ -36,6 +36,7 @@ from mitmproxy import http  # noqa: E402
 from tests.support.flows import (  # noqa: E402
     RecordingProxy,
     credential_findings,
+    read_flows,
     scrub_flow,
     write_flows,
 )
@@ -46,6 +47,8 @@ SCOPE = "orders.read"
 # What a sandbox might have lying around; it must never get past the proxy.
 SANDBOX_AUTHORIZATION = "Bearer sandbox-held-value-not-a-credential"
 DOWNLOAD_BYTES = 256 * 1024
+# What tokenferry proxy writes over the injected header in flows it saves (addons/inject.py).
+PROXY_REDACTED = "[redacted by tokenferry]"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,20 @@ def _check_flow(name: str, flow: http.HTTPFlow) -> None:
         )
 
 
+def _check_proxy_side(path: Path, expected: int) -> None:
+    """The proxy's saved flows carry the injected header redacted, and no token at all."""
+    flows = read_flows(path)
+    if len(flows) != expected:
+        raise RuntimeError(f"proxy saved {len(flows)} flows, the recorder {expected}")
+    for flow in flows:
+        values = flow.request.headers.get_all("Authorization")
+        if len(values) != 1 or values[0] != PROXY_REDACTED:
+            raise RuntimeError(f"proxy-side flow {flow.request.path}: Authorization not redacted")
+    findings = credential_findings(path.read_bytes())
+    if findings:
+        raise RuntimeError(f"proxy-side saved flows hold credential-looking values: {findings}")
+
+
 def record(out: Path, work: Path) -> list[Path]:
     written: list[Path] = []
     with stopping(Stack.start(work, upstreams={"orders": (AUDIENCE, [SCOPE])})) as stack:
@@ -209,7 +226,9 @@ def record(out: Path, work: Path) -> list[Path]:
             }
         )
         stack.write_providers([{"name": "orders", "profile": "orders-api"}])
-        proxy = stack.start_proxy()
+        # tokenferry proxy saves its side too: a check of its own redaction, not committed.
+        proxy_side = work / "proxy-side.mitm"
+        proxy = stack.start_proxy(extra=["--set", f"save_stream_file={proxy_side}"])
         recorder = RecordingProxy(
             work / "recorder-confdir", str(proxy.ready["proxy_url"]), Path(proxy.ready["ca_file"])
         ).start()
@@ -229,6 +248,7 @@ def record(out: Path, work: Path) -> list[Path]:
                 written.append(staged)
         finally:
             recorder.stop()
+    _check_proxy_side(proxy_side, sum(len(read_flows(path)) for path in written))
     # Only replace the committed files once every scenario recorded cleanly.
     out.mkdir(parents=True, exist_ok=True)
     results = []
