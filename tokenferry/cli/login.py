@@ -25,7 +25,7 @@ from tokenferry.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from tokenferry.login import StoredLogin
+    from tokenferry.login import IssuedTokens, StoredLogin
 
 
 def run_login(args: argparse.Namespace) -> int:
@@ -48,7 +48,7 @@ def run_login(args: argparse.Namespace) -> int:
             info("Waiting for approval ...")
             sys.stderr.flush()
 
-            async def attempt() -> Any:
+            async def attempt() -> IssuedTokens:
                 return await oidc.device_token(
                     endpoints.token_endpoint, auth.client_id, device.device_code
                 )

@@ -165,11 +165,24 @@ def _server_problems(exc: Exception) -> list[Problem]:
     return problems
 
 
+def _parsed(record: ProfileRecord) -> Profile:
+    from tokenferry.cli.main import UserError
+
+    try:
+        return record.profile()
+    except ProfileError as exc:
+        # A gateway newer than this CLI may hold profiles it cannot read; -o json still can.
+        raise UserError(
+            f"profile {record.id!r} from the gateway cannot be read by this CLI ({exc}); "
+            "try --output json"
+        ) from None
+
+
 def show_profile_record(args: argparse.Namespace, record: ProfileRecord) -> None:
     if output_format(args) == "json":
         print_json(record)
         return
-    profile = record.profile()
+    profile = _parsed(record)
     print_fields(
         [
             ("id", record.id),
@@ -254,7 +267,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for record in records:
-        profile = record.profile()
+        profile = _parsed(record)
         rows.append(
             (
                 record.id,
