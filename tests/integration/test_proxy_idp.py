@@ -115,3 +115,10 @@ def test_short_lived_tokens_are_refreshed_ahead_of_expiry(tmp_path: Path) -> Non
             samples['tokenferry_proxy_exchanges_total{leg="client_credentials",result="ok"}']
             == idp_requests
         )
+        # The latest token, seen by the capture endpoint (same cache key), is in no log.
+        status, _ = curl(proxy, stack.captures[0].url + "/collect")
+        assert status == 200
+        tokens = stack.tokens_seen()
+        assert tokens
+        logs = stack.log_text()
+        assert all(token not in logs for token in tokens)
