@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,24 +68,63 @@ async def discover_identity(source: SvidSource, wait_seconds: float) -> GatewayI
     return GatewayIdentity(svid.spiffe_id, trust_domain)
 
 
+@dataclass(frozen=True)
+class ApiSettings:
+    """Everything the API app needs that is decided before it starts."""
+
+    config: GatewayConfig
+    identity: GatewayIdentity
+    trust_domains: frozenset[str]
+    supervisor_audience: str
+
+
 def build_api_app(
-    *,
-    store: Store,
-    broker: Broker,
-    users: UserAuthenticator,
-    supervisors: SupervisorAuthenticator,
-    metrics: GatewayMetrics,
-    auth_settings: api.AuthSettings,
-    trust_domains: frozenset[str],
+    settings: ApiSettings, *, store: Store, svid_source: SvidSource, metrics: GatewayMetrics
 ) -> web.Application:
+    config = settings.config
     app = web.Application(middlewares=[api.error_middleware], client_max_size=api.MAX_BODY_BYTES)
     app[api.STORE] = store
-    app[api.BROKER] = broker
-    app[api.USERS] = users
-    app[api.SUPERVISORS] = supervisors
     app[api.METRICS] = metrics
-    app[api.AUTH_SETTINGS] = auth_settings
-    app[api.TRUST_DOMAINS] = trust_domains
+    app[api.TRUST_DOMAINS] = settings.trust_domains
+    app[api.AUTH_SETTINGS] = api.AuthSettings(
+        issuer=config.oidc_issuer,
+        client_id=config.cli_client_id,
+        audience=config.oidc_audience,
+        supervisor_audience=settings.supervisor_audience,
+    )
+    app[api.SUPERVISORS] = SupervisorAuthenticator(
+        BundleCache(svid_source),
+        audience=settings.supervisor_audience,
+        trust_domains=settings.trust_domains,
+    )
+
+    async def outbound_clients(app: web.Application) -> AsyncIterator[None]:
+        # HTTP clients live exactly as long as the app: created at start-up, closed
+        # (with the cache's background refreshes) at clean-up.
+        session = aiohttp.ClientSession(
+            trust_env=False, timeout=aiohttp.ClientTimeout(total=10, connect=5)
+        )
+        token_client = TokenEndpointClient()
+        cache = TokenCache()
+        app[api.USERS] = UserAuthenticator(
+            OidcVerifier(config.oidc_issuer, config.oidc_audience, http=lambda: session),
+            dev_admin_token=config.dev_admin_token,
+        )
+        app[api.BROKER] = Broker(
+            store=store,
+            svid_source=svid_source,
+            token_client=token_client,
+            cache=cache,
+            metrics=metrics,
+        )
+        try:
+            yield
+        finally:
+            await cache.aclose()
+            await token_client.aclose()
+            await session.close()
+
+    app.cleanup_ctx.append(outbound_clients)
     api.add_routes(app)
     return app
 
@@ -148,10 +188,7 @@ async def serve(
         raise StartupError(str(exc)) from None
 
     runners: list[web.AppRunner] = []
-    http_session: aiohttp.ClientSession | None = None
     svid_source: SvidSource | None = None
-    token_client: TokenEndpointClient | None = None
-    cache: TokenCache | None = None
     try:
         try:
             svid_source = svid_source_from_options(
@@ -160,44 +197,14 @@ async def serve(
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         identity = await discover_identity(svid_source, identity_wait)
-        trust_domains = frozenset(config.trust_domains or (identity.trust_domain,))
-        supervisor_audience = config.supervisor_audience or identity.spiffe_id
-
-        http_session = aiohttp.ClientSession(
-            trust_env=False, timeout=aiohttp.ClientTimeout(total=10, connect=5)
+        settings = ApiSettings(
+            config=config,
+            identity=identity,
+            trust_domains=frozenset(config.trust_domains or (identity.trust_domain,)),
+            supervisor_audience=config.supervisor_audience or identity.spiffe_id,
         )
-        session = http_session
         metrics = GatewayMetrics()
-        token_client = TokenEndpointClient()
-        cache = TokenCache()
-        broker = Broker(
-            store=store,
-            svid_source=svid_source,
-            token_client=token_client,
-            cache=cache,
-            metrics=metrics,
-        )
-        users = UserAuthenticator(
-            OidcVerifier(config.oidc_issuer, config.oidc_audience, http=lambda: session),
-            dev_admin_token=config.dev_admin_token,
-        )
-        supervisors = SupervisorAuthenticator(
-            BundleCache(svid_source), audience=supervisor_audience, trust_domains=trust_domains
-        )
-        app = build_api_app(
-            store=store,
-            broker=broker,
-            users=users,
-            supervisors=supervisors,
-            metrics=metrics,
-            auth_settings=api.AuthSettings(
-                issuer=config.oidc_issuer,
-                client_id=config.cli_client_id,
-                audience=config.oidc_audience,
-                supervisor_audience=supervisor_audience,
-            ),
-            trust_domains=trust_domains,
-        )
+        app = build_api_app(settings, store=store, svid_source=svid_source, metrics=metrics)
         addresses = []
         for application, host, port in (
             (app, config.listen_host, config.listen_port),
@@ -211,17 +218,16 @@ async def serve(
                 await site.start()
             except OSError as exc:
                 raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            bound_port = sockets[0].getsockname()[1] if sockets else port
+            # Port 0 binds any free port: report the one actually bound.
+            bound_port = int(runner.addresses[0][1]) if runner.addresses else port
             addresses.append(_url(host, bound_port))
 
         log.info(
             "gateway started",
             extra={
                 "spiffe_id": identity.spiffe_id,
-                "supervisor_audience": supervisor_audience,
-                "trust_domains": sorted(trust_domains),
+                "supervisor_audience": settings.supervisor_audience,
+                "trust_domains": sorted(settings.trust_domains),
                 "database": db_path,
                 "key": key_origin,
                 "dev_mode": config.dev_mode,
@@ -241,12 +247,6 @@ async def serve(
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
-        if cache is not None:
-            await cache.aclose()
-        if token_client is not None:
-            await token_client.aclose()
-        if http_session is not None:
-            await http_session.close()
         if svid_source is not None:
             await svid_source.close()
         await store.close()
