@@ -260,7 +260,7 @@ def test_only_wildcard_routes_are_scanned() -> None:
     # Many exact hosts must not be visited for a lookup of another host.
     eps = tuple(Endpoint(f"h{i}.example.org", 443) for i in range(500))
     t = table(("p", profile("p", eps)))
-    assert list(t._routes.candidates("h7.example.org", 443))[0].target.host == "h7.example.org"
+    assert next(iter(t._routes.candidates("h7.example.org", 443))).target.host == "h7.example.org"
     assert len(list(t._routes.candidates("h7.example.org", 443))) == 1
     assert list(t._routes.candidates("nothing.org", 443)) == []
 
