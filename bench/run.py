@@ -131,9 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark tokenferry proxy against bare mitmdump (loopback only).",
         epilog="Figures go to bench/results/<timestamp>.json and latest.json.",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of a,b,c (default 5)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of a,b,c (default 6)")
     parser.add_argument(
-        "--duration", type=float, default=4.0, help="seconds of load per round (default 4)"
+        "--duration", type=float, default=3.0, help="seconds of load per round (default 3)"
     )
     parser.add_argument(
         "--concurrency", type=int, default=8, help="connections in the load phase (default 8)"
