@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ConfigError, load_file_config, parse_providers
+from proxy.config import Address, ConfigError, load_file_config, parse_providers
 from tokenferry.profiles import Credential, Endpoint, Profile, TokenGrant
 
 TE = "https://idp.example.org/realms/r/protocol/openid-connect/token"
@@ -116,3 +116,23 @@ def test_files_round_trip_and_bad_yaml(tmp_path: Path) -> None:
     providers.write_text("providers:\n  - {name: orders, profile: orders-api}\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml"):
         load_file_config(profiles, providers)
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", 8080),
+        ("0", "127.0.0.1", 0),
+        (":9464", "127.0.0.1", 9464),
+        ("[::1]:8443", "::1", 8443),
+        ("localhost:0", "localhost", 0),
+    ],
+)
+def test_listen_address_parsing(text: str, host: str, port: int) -> None:
+    assert Address.parse(text) == Address(host, port)
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:http", "127.0.0.1:70000", "nonsense"])
+def test_listen_address_errors(text: str) -> None:
+    with pytest.raises(ValueError, match=r"HOST:PORT|0-65535"):
+        Address.parse(text)
