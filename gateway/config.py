@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from tokenferry.service import parse_listen
 from tokenferry.svid_verify import parse_spiffe_id
 
 ENV_PREFIX = "TOKENFERRY_GATEWAY_"
@@ -124,17 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_hostport(value: str, where: str) -> tuple[str, int]:
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{where}: {value!r} is not HOST:PORT")
-    host = host.strip("[]")
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"{where}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: port {port} is out of range 0-65535")
-    return host, port
+        return parse_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _where(option: Option, from_env: bool) -> str:

@@ -52,3 +52,24 @@ def configure_logging(level: str = "info") -> None:
 def announce_ready(service: str, **addresses: Any) -> None:
     """Print the single ready line on stdout and flush it."""
     print(json.dumps({"event": "ready", "service": service, **addresses}), flush=True)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:0`` for IPv6) -> (host, port); ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+def url_host(host: str) -> str:
+    """The host as it appears in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host else host

@@ -9,26 +9,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from tokenferry.service import parse_listen, url_host
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:0`` for IPv6) → (host, port); ValueError with the reason."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"listen address {value!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"listen address {value!r} has a non-numeric port") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"listen address {value!r} has a port outside 0-65535")
-    return host, port
-
-
-def url_host(host: str) -> str:
-    """The host as it appears in a URL (IPv6 literals in brackets)."""
-    return f"[{host}]" if ":" in host else host
+__all__ = ["parse_listen", "serve", "url_host"]
 
 
 async def serve(

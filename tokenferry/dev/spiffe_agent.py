@@ -52,7 +52,7 @@ from tokenferry.dev.keys import (
     jwks_document,
     load_or_create_signing_key,
 )
-from tokenferry.service import announce_ready, configure_logging
+from tokenferry.service import announce_ready, configure_logging, parse_listen, url_host
 
 DESCRIPTION = "development SPIFFE Workload API agent: JWT-SVIDs and bundles on a Unix socket"
 
@@ -292,25 +292,6 @@ async def _discovery(request: web.Request) -> web.Response:
     )
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:0`` for IPv6) → (host, port)."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"port in {value!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port in {value!r} is out of range")
-    return host, port
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 async def _start_jwks_server(
     authority: JwtAuthority, host: str, port: int
 ) -> tuple[web.AppRunner, str]:
@@ -327,7 +308,7 @@ async def _start_jwks_server(
         await runner.cleanup()
         raise UserError(f"--jwks-listen {host}:{port}: cannot listen: {exc.strerror}") from None
     bound_port = int(runner.addresses[0][1])
-    base_url = f"http://{_url_host(host)}:{bound_port}"
+    base_url = f"http://{url_host(host)}:{bound_port}"
     app[_BASE_URL] = base_url
     app[_ISSUER] = authority.issuer or base_url
     return runner, base_url
