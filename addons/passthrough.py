@@ -5,6 +5,11 @@ is targeted by some ``tls: terminate`` route; every other connection is tunnelle
 untouched, so the client sees the upstream's own certificate. With
 ``tokenferry_deny_unmatched`` every request (and CONNECT) whose destination matches no
 endpoint of any configured provider gets 403 with a JSON body instead.
+
+In gateway mode, until the first configuration has arrived, every CONNECT and request is
+answered 502 naming the gateway: without routes the proxy cannot tell a protected
+destination from any other, and forwarding would send protected requests without their
+token (fail closed).
 """
 
 from __future__ import annotations
@@ -43,6 +48,25 @@ def _deny(flow: http.HTTPFlow, host: str, port: int, path: str | None) -> None:
     )
 
 
+def _unconfigured(flow: http.HTTPFlow, host: str, port: int, path: str | None, why: str) -> None:
+    flow.metadata[DECISION_KEY] = {
+        "provider": None,
+        "credential": None,
+        "host": host,
+        "port": port,
+        "method": flow.request.method,
+        "path": path,
+        "cache": None,
+        "grant_latency_ms": None,
+        "outcome": "unconfigured",
+    }
+    flow.response = http.Response.make(
+        502,
+        error_body("configuration_unavailable", None, None, why),
+        {"Content-Type": "application/json"},
+    )
+
+
 class Passthrough:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
@@ -68,15 +92,25 @@ class Passthrough:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
+        why = self.supervisor.unconfigured
+        if why is not None:
+            _unconfigured(flow, request.host, request.port, None, why)
+            return
         if self.deny_unmatched and not self.supervisor.table.any_endpoint(
             request.host, request.port
         ):
             _deny(flow, request.host, request.port, None)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not self.deny_unmatched:
+        if flow.response:
             return
         request = flow.request
+        why = self.supervisor.unconfigured
+        if why is not None:
+            _unconfigured(flow, request.host, request.port, strip_query(request.path), why)
+            return
+        if not self.deny_unmatched:
+            return
         path = strip_query(request.path)
         if not self.supervisor.table.any_endpoint(request.host, request.port, path):
             _deny(flow, request.host, request.port, path)

@@ -6,8 +6,8 @@ table from each config it receives and swaps it in atomically. Two sources are p
 
 - ``FileConfigSource`` (this module): ``--profiles DIR`` + ``--providers FILE``,
   client_credentials only, read once at startup.
-- a gateway source (``GET /v1/supervisor/config`` polled with ``If-None-Match``), which
-  yields a new config whenever the ETag changes; it implements the same protocol.
+- ``GatewayConfigSource`` (this module): ``GET /v1/supervisor/config`` polled with
+  ``If-None-Match``, yielding a new config whenever the gateway's answer changes.
 
 Providers file format (YAML or JSON)::
 
@@ -65,15 +65,20 @@ class ProviderConfig:
     name: str
     revision: int
     profile: Profile
+    # Gateway mode: expiry (epoch seconds) of the provider's stored credentials by name.
+    credential_expiry: tuple[tuple[str, float | None], ...] = ()
 
     def as_route_source(self) -> ProviderProfile:
-        return ProviderProfile(self.name, self.revision, self.profile)
+        return ProviderProfile(self.name, self.revision, self.profile, self.credential_expiry)
 
 
 @dataclass(frozen=True)
 class SupervisorConfig:
     sandbox: str | None
     providers: tuple[ProviderConfig, ...]
+    # Gateway mode: the sandbox's SPIFFE ID as the gateway knows it, and the answer's ETag.
+    spiffe_id: str | None = None
+    etag: str | None = None
 
 
 class ConfigSource(Protocol):

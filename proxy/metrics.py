@@ -30,15 +30,27 @@ class ProxyMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.intermediate_cache = Counter(
+            "tokenferry_proxy_intermediate_cache",
+            "Intermediate-token (token_exchange leg 1) cache lookups by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.config_polls = Counter(
+            "tokenferry_proxy_config_polls",
+            "Gateway configuration polls by result (changed, unchanged, error)",
+            ["result"],
+            registry=self.registry,
+        )
         self.exchanges = Counter(
             "tokenferry_proxy_exchanges",
-            "Token endpoint requests by leg and result",
+            "Token requests by leg (leg1 = gateway, leg2 = IdP, client_credentials) and result",
             ["leg", "result"],
             registry=self.registry,
         )
         self.exchange_seconds = Histogram(
             "tokenferry_proxy_exchange_seconds",
-            "Token endpoint request latency by leg",
+            "Token request latency by leg (leg1, leg2, client_credentials)",
             ["leg"],
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0),

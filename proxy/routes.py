@@ -160,6 +160,9 @@ class Route:
     audience: str | None
     scopes: tuple[str, ...]
     override: bool = False
+    # token_exchange: when the provider's stored subject token expires (epoch seconds, as
+    # the gateway reports it); caps the life of tokens derived from it (SPEC §4.3).
+    subject_expires_at: float | None = None
 
     def injects_for(self, scheme: str) -> bool:
         """Plain HTTP only for ``tls: none``, HTTPS only for ``tls: terminate``."""
@@ -284,6 +287,17 @@ class ProviderProfile:
     name: str
     revision: int
     profile: Profile
+    # Expiry (epoch seconds, None = unknown/none) of stored credentials by name, as the
+    # gateway's supervisor config reports them; never their values.
+    credential_expiry: tuple[tuple[str, float | None], ...] = ()
+
+    def expiry_of(self, credential: str) -> float | None:
+        return dict(self.credential_expiry).get(credential)
+
+
+def _subject_expiry(provider: ProviderProfile, grant: TokenGrant) -> float | None:
+    subject = grant.subject_token
+    return provider.expiry_of(subject.credential) if subject is not None else None
 
 
 def build_routes(providers: Iterable[ProviderProfile]) -> RouteTable:
@@ -299,6 +313,7 @@ def build_routes(providers: Iterable[ProviderProfile]) -> RouteTable:
             grant = cred.token_grant
             if grant is None:
                 continue
+            subject_expires_at = _subject_expiry(provider, grant)
             for ep in profile.endpoints:
                 routes.append(
                     Route(
@@ -312,6 +327,7 @@ def build_routes(providers: Iterable[ProviderProfile]) -> RouteTable:
                         grant=grant,
                         audience=grant.audience,
                         scopes=tuple(grant.scopes),
+                        subject_expires_at=subject_expires_at,
                     )
                 )
             for ov in grant.audience_overrides:
@@ -329,6 +345,7 @@ def build_routes(providers: Iterable[ProviderProfile]) -> RouteTable:
                         audience=ov.audience if ov.audience is not None else grant.audience,
                         scopes=tuple(ov.scopes) if ov.scopes else tuple(grant.scopes),
                         override=True,
+                        subject_expires_at=subject_expires_at,
                     )
                 )
     return RouteTable(routes, endpoints)

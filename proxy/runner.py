@@ -26,11 +26,14 @@ from mitmproxy.addons import errorcheck
 from addons.audit import Audit
 from addons.inject import Inject
 from addons.passthrough import Passthrough
+from gateway_client import GatewayClient, SvidAuth
 from proxy.config import Address, ConfigSource, SupervisorConfig
-from proxy.grants import IdentityOptions, open_broker
+from proxy.gateway_config import DEFAULT_POLL_INTERVAL, GatewayConfigSource
+from proxy.grants import GrantBroker, IdentityOptions, open_broker
 from proxy.metrics import CONTENT_TYPE_LATEST
 from proxy.supervisor import Supervisor
 from tokenferry.service import announce_ready
+from tokenferry.svid import svid_source_from_options
 
 logger = logging.getLogger("tokenferry.proxy")
 
@@ -81,9 +84,10 @@ def token_endpoint_ssl_context(extra_ca: Path | None) -> ssl.SSLContext | None:
 class _Ready:
     """Announces the ready line once mitmproxy's listeners are up."""
 
-    def __init__(self, admin_url: str, ca_file: Path) -> None:
+    def __init__(self, admin_url: str, ca_file: Path, supervisor: Supervisor) -> None:
         self.admin_url = admin_url
         self.ca_file = ca_file
+        self.supervisor = supervisor
 
     def running(self) -> None:
         addon_manager: Any = ctx.master.addons
@@ -98,12 +102,16 @@ class _Ready:
             proxy_url=f"http://{shown}:{port}",
             admin_url=self.admin_url,
             ca_file=str(self.ca_file),
+            # False in gateway mode when the gateway gave no configuration yet (requests
+            # are answered 502 until it does).
+            configured=self.supervisor.unconfigured is None,
         )
 
 
 async def _start_admin(supervisor: Supervisor, address: Address) -> tuple[web.AppRunner, str]:
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "routes": len(supervisor.table)})
+        status, body = supervisor.health()
+        return web.json_response(body, status=status)
 
     async def metrics(_request: web.Request) -> web.Response:
         response = web.Response(body=supervisor.metrics.render())
@@ -137,16 +145,36 @@ async def _follow(source: ConfigSource, supervisor: Supervisor) -> None:
             logger.exception("new configuration rejected; keeping the current routes")
 
 
-async def serve(settings: ProxySettings, source: ConfigSource, initial: SupervisorConfig) -> int:
-    supervisor = Supervisor()
+async def serve(
+    settings: ProxySettings,
+    source: ConfigSource,
+    initial: SupervisorConfig | None,
+    *,
+    supervisor: Supervisor | None = None,
+    broker: GrantBroker | None = None,
+    unconfigured: str | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT. ``initial`` None (gateway mode, gateway not answering):
+    start anyway, answer every request 502 with ``unconfigured`` as the reason, and
+    apply the first configuration ``source.updates()`` yields."""
+    supervisor = supervisor or Supervisor()
     supervisor.sandbox_override = settings.sandbox
-    supervisor.apply(initial)
-    try:
-        supervisor.broker = open_broker(settings.identity, supervisor.metrics)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+    if initial is not None:
+        supervisor.apply(initial)
+    else:
+        supervisor.unconfigured = unconfigured or "no configuration yet"
+    if broker is None:
+        try:
+            broker = open_broker(settings.identity, supervisor.metrics)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+    supervisor.broker = broker
 
-    admin_runner, admin_url = await _start_admin(supervisor, settings.admin_listen)
+    try:
+        admin_runner, admin_url = await _start_admin(supervisor, settings.admin_listen)
+    except BaseException:
+        await supervisor.aclose()
+        raise
     follower: asyncio.Task[None] | None = None
     try:
         opts = options.Options(
@@ -168,7 +196,7 @@ async def serve(settings: ProxySettings, source: ConfigSource, initial: Supervis
         addon_manager.add(*default_addons())
         addon_manager.add(
             errorcheck.ErrorCheck(),
-            _Ready(admin_url, settings.confdir.expanduser() / CA_CERT_FILE),
+            _Ready(admin_url, settings.confdir.expanduser() / CA_CERT_FILE, supervisor),
         )
         updates: dict[str, Any] = {"tokenferry_deny_unmatched": settings.deny_unmatched}
         if settings.upstream_ca is not None:
@@ -193,3 +221,54 @@ async def serve(settings: ProxySettings, source: ConfigSource, initial: Supervis
         await admin_runner.cleanup()
         await supervisor.aclose()
     return 0
+
+
+@dataclass(frozen=True)
+class GatewayMode:
+    """``--gateway URL``: configuration and leg 1 of token_exchange from the gateway."""
+
+    url: str
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+
+def waiting_detail(url: str, reason: str | None) -> str:
+    """The 502 detail while no configuration has arrived (names the gateway)."""
+    text = f"no configuration from the gateway at {url} yet"
+    return f"{text}: {reason}" if reason else text
+
+
+async def serve_gateway(settings: ProxySettings, mode: GatewayMode) -> int:
+    """Gateway mode: one SVID source for both audiences (the gateway's, via ``SvidAuth``;
+    the IdP's, for leg 2 and client_credentials), one gateway client for the config
+    polls and leg 1. Starts even when the gateway does not answer yet (see docs)."""
+    identity = settings.identity
+    try:
+        svids = svid_source_from_options(
+            identity.spiffe_socket,
+            identity.svid_dir,
+            identity.bundle_file,
+            reuse_svids=identity.reuse_svids,
+        )
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    client = GatewayClient(mode.url, auth=SvidAuth(svids), ssl_context=identity.ssl_context)
+    supervisor = Supervisor()
+    source = GatewayConfigSource(
+        client, poll_interval=mode.poll_interval, metrics=supervisor.metrics
+    )
+    broker = open_broker(identity, supervisor.metrics, svids=svids, gateway=client)
+    initial = await source.try_load()
+
+    def on_failure(reason: str) -> None:
+        if supervisor.unconfigured is not None:
+            supervisor.unconfigured = waiting_detail(mode.url, reason)
+
+    source.on_failure = on_failure
+    return await serve(
+        settings,
+        source,
+        initial,
+        supervisor=supervisor,
+        broker=broker,
+        unconfigured=waiting_detail(mode.url, source.last_failure),
+    )

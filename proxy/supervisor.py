@@ -28,6 +28,10 @@ class Supervisor:
         self.sandbox: str | None = None
         self.sandbox_override: str | None = None  # --sandbox beats the config's name
         self.config: SupervisorConfig | None = None
+        # Gateway mode before the first configuration arrived: why there is none yet.
+        # While set, every request is answered 502 (we cannot tell protected
+        # destinations from others, so nothing is forwarded).
+        self.unconfigured: str | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -38,15 +42,29 @@ class Supervisor:
         self.config = config
         self.sandbox = self.sandbox_override or config.sandbox
         self.routes.swap(table)
+        self.unconfigured = None
         self.metrics.routes.set(len(table))
         logger.info(
             "configuration applied",
             extra={
                 "sandbox": self.sandbox,
+                "spiffe_id": config.spiffe_id,
                 "providers": [f"{p.name}@{p.revision}" for p in config.providers],
                 "routes": len(table),
             },
         )
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        """``/healthz``: 200 once configured, 503 while waiting for the first config."""
+        if self.unconfigured is not None:
+            return 503, {"status": "waiting_for_configuration", "detail": self.unconfigured}
+        config = self.config
+        return 200, {
+            "status": "ok",
+            "routes": len(self.table),
+            "sandbox": self.sandbox,
+            "providers": {p.name: p.revision for p in config.providers} if config else {},
+        }
 
     async def aclose(self) -> None:
         if self.broker is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tokenferry.cli.main import UserError
 
@@ -20,6 +22,16 @@ def _address(text: str) -> Any:
         return Address.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _poll_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 and at most 86400 seconds")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -72,8 +84,24 @@ def register(subparsers: Any) -> None:
         help="refuse (403) requests whose destination matches no provider endpoint",
     )
     parser.add_argument("--sandbox", metavar="NAME", help="sandbox name for log lines")
-    parser.add_argument("--profiles", metavar="DIR", help="directory of provider profiles")
-    parser.add_argument("--providers", metavar="FILE", help="providers file (YAML)")
+    parser.add_argument(
+        "--gateway",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="gateway mode: configuration and token_exchange from this gateway "
+        "(default $TOKENFERRY_GATEWAY unless --profiles/--providers are given)",
+    )
+    parser.add_argument(
+        "--config-poll-interval",
+        type=_poll_interval,
+        default=None,
+        metavar="SECONDS",
+        help="gateway mode: re-read the configuration this often (default 15)",
+    )
+    parser.add_argument(
+        "--profiles", metavar="DIR", help="local-files mode: directory of provider profiles"
+    )
+    parser.add_argument("--providers", metavar="FILE", help="local-files mode: providers file")
     parser.add_argument(
         "--set",
         dest="mitm_options",
@@ -113,24 +141,57 @@ def run_ca(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_url(args: argparse.Namespace) -> str | None:
+    """Gateway mode when ``--gateway`` is given, or ``$TOKENFERRY_GATEWAY`` without files."""
+    flag: str | None = getattr(args, "gateway", None)
+    if flag is not None:
+        if args.profiles or args.providers:
+            raise UserError(
+                "--gateway cannot be combined with --profiles/--providers: the configuration "
+                "comes either from the gateway or from local files"
+            )
+        url = flag
+    elif args.profiles or args.providers:
+        return None
+    else:
+        url = os.environ.get("TOKENFERRY_GATEWAY", "")
+        if not url:
+            return None
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"--gateway {url!r}: expected an http(s) URL such as https://gw:8443")
+    return url
+
+
 def run_proxy(args: argparse.Namespace) -> int:
     from proxy.config import ConfigError, FileConfigSource
+    from proxy.gateway_config import DEFAULT_POLL_INTERVAL
     from proxy.grants import IdentityOptions
-    from proxy.runner import ProxySettings, StartupError, serve, token_endpoint_ssl_context
+    from proxy.runner import (
+        GatewayMode,
+        ProxySettings,
+        StartupError,
+        serve,
+        serve_gateway,
+        token_endpoint_ssl_context,
+    )
     from tokenferry.service import configure_logging
 
+    gateway_url = _gateway_url(args)
+    if gateway_url is None and (not args.profiles or not args.providers):
+        raise UserError(
+            "either --gateway URL (gateway mode), or --profiles DIR and --providers FILE "
+            "are required (local-files mode)"
+        )
+    if gateway_url is None and args.config_poll_interval is not None:
+        raise UserError("--config-poll-interval applies to gateway mode (--gateway URL) only")
     configure_logging(args.log_level)
     if args.log_level != "debug":
         # mitmproxy's per-connection chatter is debug material for us.
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-    if not args.profiles or not args.providers:
-        raise UserError(
-            "--profiles DIR and --providers FILE are required (gateway mode is not available yet)"
-        )
     upstream_ca = Path(args.upstream_ca) if args.upstream_ca else None
     if upstream_ca is not None and not upstream_ca.is_file():
         raise UserError(f"--upstream-ca {upstream_ca}: no such file")
-    source = FileConfigSource(Path(args.profiles), Path(args.providers))
     try:
         ssl_context = token_endpoint_ssl_context(upstream_ca)
     except (OSError, ValueError) as exc:
@@ -153,6 +214,10 @@ def run_proxy(args: argparse.Namespace) -> int:
     )
 
     async def main() -> int:
+        if gateway_url is not None:
+            mode = GatewayMode(gateway_url, args.config_poll_interval or DEFAULT_POLL_INTERVAL)
+            return await serve_gateway(settings, mode)
+        source = FileConfigSource(Path(args.profiles), Path(args.providers))
         try:
             initial = await source.load()
         except ConfigError as exc:
