@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("tokenferry.cli.sandbox", "register sandboxes, attach and detach providers"),
     "login": ("tokenferry.cli.login", "log in with the device authorization grant"),
     "logout": ("tokenferry.cli.login", "forget the stored login"),
+    "demo": ("tokenferry.cli.demo", "run the whole system on this machine and show it working"),
     "dev": ("tokenferry.cli.dev", "development stand-ins: SPIFFE agent, IdP, upstream"),
 }
 
