@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
 
 from gateway_client import (
@@ -177,7 +177,7 @@ class GatewayConfigSource:
         if self.on_failure is not None:
             self.on_failure(reason)
 
-    async def updates(self) -> AsyncIterator[SupervisorConfig]:
+    async def updates(self) -> AsyncGenerator[SupervisorConfig]:
         delay = self.poll_interval if self.loaded else self.first_retry_delay
         while True:
             await self._sleep(delay)

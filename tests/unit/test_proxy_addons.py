@@ -254,3 +254,36 @@ def test_websocket_messages_are_not_retained() -> None:
     with taddons.context(save.Save()):  # type: ignore[no-untyped-call]
         Inject(supervisor(FakeBroker())).websocket_message(f)
     assert f.websocket.messages == [last]
+
+
+def test_unconfigured_gateway_mode_answers_every_request_502() -> None:
+    sup = Supervisor()
+    sup.unconfigured = "no configuration from the gateway at http://gw yet: unreachable"
+    addon = Passthrough(sup)
+    connect = flow(host="anything.example", path="/")
+    addon.http_connect(connect)
+    plain = flow(host="plain.example.org", port=80, scheme="http")
+    addon.requestheaders(plain)
+    for f in (connect, plain):
+        assert f.response is not None and f.response.status_code == 502
+        body = json.loads(f.response.get_text() or "")
+        assert body["error"] == "configuration_unavailable"
+        assert body["detail"] == sup.unconfigured
+        assert f.metadata[DECISION_KEY]["outcome"] == "unconfigured"
+    assert plain.metadata[DECISION_KEY]["path"] == "/v1/x"  # never the query string
+    assert sup.health() == (
+        503,
+        {"status": "waiting_for_configuration", "detail": sup.unconfigured},
+    )
+
+
+def test_first_configuration_ends_the_unconfigured_state() -> None:
+    sup = supervisor(FakeBroker())
+    assert sup.unconfigured is None
+    sup.unconfigured = "waiting"
+    sup.apply(SupervisorConfig("sb", ()))
+    assert sup.unconfigured is None
+    f = flow(host="elsewhere.org")
+    Passthrough(sup).http_connect(f)
+    assert f.response is None
+    assert sup.health() == (200, {"status": "ok", "routes": 0, "sandbox": "sb", "providers": {}})

@@ -271,3 +271,28 @@ def test_only_wildcard_routes_are_scanned() -> None:
 )
 def test_strip_query(raw: str, path: str) -> None:
     assert strip_query(raw) == path
+
+
+def test_token_exchange_routes_carry_the_subject_tokens_expiry() -> None:
+    from tokenferry.profiles import ACCESS_TOKEN_TYPE, SubjectTokenSource
+
+    grant = TokenGrant(
+        "token_exchange",
+        "https://idp.example.org/realms/r/protocol/openid-connect/token",
+        audience="orders",
+        subject_token=SubjectTokenSource("provider_credential", "user_token", ACCESS_TOKEN_TYPE),
+        audience_overrides=(AudienceOverride("reports.example.org", 443, None, "reports", ()),),
+    )
+    profile = Profile(
+        id="orders-api",
+        credentials=(Credential("user_token"), Credential("access_token", token_grant=grant)),
+        endpoints=(Endpoint("api.example.org"),),
+    )
+    expiring = ProviderProfile("orders", 4, profile, (("user_token", 1_900_000_000.0),))
+    table = build_routes([expiring])
+    assert len(table) == 2
+    assert {r.subject_expires_at for r in table.routes} == {1_900_000_000.0}
+    # Without a known expiry (local files, or none stored) there is no cap.
+    assert {
+        r.subject_expires_at for r in build_routes([ProviderProfile("o", 1, profile)]).routes
+    } == {None}
