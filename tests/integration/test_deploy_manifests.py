@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import http.server
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from kubernetes_validate import utils as kv  # type: ignore[import-untyped]
 
 from gateway.crypto import KeyConfigError, parse_keys
 from proxy.runner import CA_CERT_FILE
+from tests.support.procs import Service, start_service
 from tokenferry.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -399,7 +401,11 @@ def _expanded_args(container: dict[str, Any]) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("spec_of, name", [(_gateway_pod, "gateway")], ids=["gateway"])
+@pytest.mark.parametrize(
+    "spec_of, name",
+    [(_gateway_pod, "gateway"), (_sandbox_pod, "supervisor")],
+    ids=["gateway", "supervisor"],
+)
 def test_container_args_are_accepted_by_the_real_cli(spec_of: Any, name: str) -> None:
     # Catches flags renamed or removed in the CLI that the manifests still pass.
     args = _expanded_args(_container(spec_of(), name))
@@ -634,6 +640,82 @@ def test_healthcheck_command_exit_status_follows_healthz(
     )
     assert (result.returncode == 0) is healthy, result.stderr
     assert handler.paths == ["/healthz"]
+
+
+def _run_healthcheck(url: str) -> subprocess.CompletedProcess[bytes]:
+    argv = _healthcheck_argv()
+    env = {"PATH": str(Path(sys.executable).parent), "TOKENFERRY_HEALTHCHECK_URL": url}
+    return subprocess.run(
+        [sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30, check=False
+    )
+
+
+def test_image_glue_works_with_the_real_proxy(tmp_path: Path, services: list[Service]) -> None:
+    # The image's default command, on loopback with free ports and a local-files
+    # configuration (the image gives no configuration source of its own); then its
+    # HEALTHCHECK and the sandbox pod's trust-bundle script against what the proxy made.
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "p.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "id": "orders-api",
+                "credentials": [
+                    {
+                        "name": "access_token",
+                        "token_grant": {
+                            "grant_type": "client_credentials",
+                            "token_endpoint": "http://127.0.0.1:9/token",
+                        },
+                    }
+                ],
+                "endpoints": [{"host": "orders.example"}],
+            }
+        )
+    )
+    providers = tmp_path / "providers.yaml"
+    providers.write_text("providers:\n  - {name: orders, profile: orders-api}\n")
+    confdir = tmp_path / "var-lib-tokenferry"
+    args = _cmd()
+    for flag, value in (
+        ("--listen", "127.0.0.1:0"),
+        ("--admin-listen", "127.0.0.1:0"),
+        ("--confdir", str(confdir)),
+    ):
+        args[args.index(flag) + 1] = value
+    args += ["--spiffe-socket", str(tmp_path / "no.sock")]
+    args += ["--profiles", str(profiles), "--providers", str(providers)]
+    proxy = start_service("proxy", args, tmp_path / "logs")
+    services.append(proxy)
+
+    # The HEALTHCHECK's own default URL, with only the port moved to the real one.
+    (default_url,) = re.findall(r"http://[^'\"]+", _healthcheck_argv()[2])
+    default = urlsplit(default_url)
+    assert default.hostname == "127.0.0.1"
+    admin_port = urlsplit(proxy.ready["admin_url"]).port
+    url = default._replace(netloc=f"{default.hostname}:{admin_port}").geturl()
+    healthy = _run_healthcheck(url)
+    assert healthy.returncode == 0, healthy.stderr
+
+    ca_file = Path(proxy.ready["ca_file"])
+    assert ca_file == confdir / CA_CERT_FILE and ca_file.is_file()
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    script = (
+        _container(_sandbox_pod(), "trust-bundle")["args"][0]
+        .replace("/var/lib/tokenferry", str(confdir))
+        .replace("/etc/tokenferry-trust", str(trust))
+    )
+    bundled = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert bundled.returncode == 0, bundled.stderr
+    assert (trust / "proxy-ca.pem").read_text() == ca_file.read_text()
+    assert (trust / "ca-bundle.pem").read_text().endswith(ca_file.read_text())
+    assert "PRIVATE KEY" not in (trust / "ca-bundle.pem").read_text()
+
+    proxy.stop()
+    assert _run_healthcheck(url).returncode != 0  # nothing listening: unhealthy
 
 
 def test_image_contains_every_package_and_nothing_else_from_the_context() -> None:
