@@ -21,7 +21,13 @@ import httpx
 import pytest
 
 from gateway_client import CredentialInput, Forbidden
-from tests.support.e2e_stack import E2EStack, exchange_profile, run, start_e2e_stack
+from tests.support.e2e_stack import (
+    E2EStack,
+    exchange_profile,
+    prometheus,
+    run,
+    start_e2e_stack,
+)
 from tests.support.gateway_stack import GATEWAY_ID, sandbox_id
 from tests.support.procs import Service
 from tests.support.stack import JWT_RE, curl
@@ -273,3 +279,20 @@ def test_the_supervisors_logs_contain_no_token(stack: E2EStack) -> None:
     for token in injected | set(stack.user_tokens):
         assert token not in proxy_log
     assert not JWT_RE.search(proxy_log)
+
+
+def test_svids_go_only_to_their_audience(stack: E2EStack) -> None:
+    # alpha's agent issued SVIDs for two audiences only: the gateway's and the IdP's.
+    issued = [
+        json.loads(line)
+        for line in stack.gw.sandbox_agent("alpha").log_text().splitlines()
+        if '"issued JWT-SVID"' in line
+    ]
+    audiences = {a for entry in issued for a in entry["audience"]}
+    assert audiences == {GATEWAY_ID, stack.gw.issuer}
+    # The gateway refused no request as unauthenticated: it never received an SVID for
+    # another audience (the IdP-audience SVID would have been a 401).
+    samples = prometheus(f"{stack.gw.admin_url}/metrics")
+    refused = [k for k in samples if 'status="401"' in k and samples[k] > 0]
+    assert refused == []
+    assert stack.broker_requests("unauthenticated") == 0
