@@ -794,6 +794,7 @@ class Demo:
                 self.say(
                     ("      chain  ", "dim"),
                     (f"{claims.get('sub')} ← {act_chain(claims['act'])}", ""),
+                    ("   (the user ← the actor now ← the actor before it)", "dim"),
                 )
         elif ex.kind == "passthrough":
             reason = outcome.body.get("reason") if isinstance(outcome.body, dict) else None
