@@ -8,9 +8,11 @@ that kubernetes-validate ships, and the security properties the manifests must k
 
 from __future__ import annotations
 
+import base64
 import copy
 import http.server
 import json
+import os
 import re
 import shlex
 import shutil
@@ -388,13 +390,14 @@ def test_trust_bundle_script_writes_public_roots_plus_the_proxy_ca(tmp_path: Pat
     assert bundle.count("BEGIN CERTIFICATE") > 10  # the public roots come first
 
 
-def _expanded_args(container: dict[str, Any]) -> list[str]:
+def _expanded_args(container: dict[str, Any], overrides: dict[str, str] | None = None) -> list[str]:
     """The container's args as the kubelet passes them: ``$(VAR)`` from its env expanded."""
     env = _env(container)
     for entry in container.get("env", []):
         ref = entry.get("valueFrom", {}).get("configMapKeyRef")
         if ref:
             env[entry["name"]] = _one("ConfigMap", ref["name"])["data"][ref["key"]]
+    env.update(overrides or {})
     args: list[str] = container["args"]
     for name, value in env.items():
         args = [arg.replace(f"$({name})", value) for arg in args]
@@ -716,6 +719,66 @@ def test_image_glue_works_with_the_real_proxy(tmp_path: Path, services: list[Ser
 
     proxy.stop()
     assert _run_healthcheck(url).returncode != 0  # nothing listening: unhealthy
+
+
+def test_gateway_starts_with_the_manifest_arguments(
+    tmp_path: Path, services: list[Service]
+) -> None:
+    # The Deployment's exact arguments, with each volume mount moved to a directory under
+    # tmp_path, the listeners on free loopback ports and the SPIFFE socket at a dev agent.
+    agent = start_service(
+        "dev-spiffe",
+        [
+            "dev",
+            "spiffe",
+            "--socket",
+            str(tmp_path / "agent.sock"),
+            "--spiffe-id",
+            "spiffe://example.org/gateway",
+        ],
+        tmp_path / "logs",
+    )
+    services.append(agent)
+    spec = _gateway_pod()
+    gateway = _container(spec, "gateway")
+    moved = {m["mountPath"]: tmp_path / "volumes" / m["name"] for m in gateway["volumeMounts"]}
+    for directory in moved.values():
+        directory.mkdir(parents=True)
+    # The key Secret as the kubelet would project it, in the format the docs generate.
+    key_mount = _mount_for(gateway, _flag(gateway, "--key-file"))
+    key_dir = moved[key_mount["mountPath"]]
+    for item in _volume(spec, key_mount["name"])["secret"]["items"]:
+        (key_dir / item["path"]).write_text(
+            base64.urlsafe_b64encode(os.urandom(32)).decode() + "\n"
+        )
+    args = []
+    for arg in _expanded_args(
+        gateway,
+        overrides={
+            "SPIFFE_ENDPOINT_SOCKET": f"unix://{tmp_path / 'agent.sock'}",
+            "OIDC_ISSUER": "http://127.0.0.1:9/realms/unreachable",
+        },
+    ):
+        flag, _, value = arg.partition("=")
+        if value.startswith("/"):
+            mount_path = _mount_for(gateway, value)["mountPath"]
+            arg = f"{flag}={moved[mount_path]}{value[len(mount_path) :]}"
+        if arg.startswith(("--listen=", "--admin-listen=")):
+            arg = arg.split("=", 1)[0] + "=127.0.0.1:0"
+        args.append(arg)
+    started = start_service("gateway", args, tmp_path / "logs")
+    services.append(started)
+    assert started.ready["spiffe_id"] == "spiffe://example.org/gateway"
+    db = Path(_flag({"name": "gateway", "args": args}, "--db"))
+    assert db.is_file() and db.parent == moved["/var/lib/tokenferry"]
+    # The key came from the projected Secret file (the log names the file, never the key).
+    assert f'"key": "file {key_dir}/' in started.log_text()
+
+    (default_url,) = re.findall(r"http://[^'\"]+", _healthcheck_argv()[2])
+    admin_port = urlsplit(started.ready["admin_url"]).port
+    url = urlsplit(default_url)._replace(netloc=f"127.0.0.1:{admin_port}").geturl()
+    result = _run_healthcheck(url)
+    assert result.returncode == 0, result.stderr
 
 
 def test_image_contains_every_package_and_nothing_else_from_the_context() -> None:
