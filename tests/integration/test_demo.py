@@ -288,3 +288,27 @@ def test_a_service_that_cannot_start_is_reported_with_its_log(tmp_path: Path) ->
     assert caught.value.service == "upstream-bad"
     assert "exited with status 1 before it was ready" in str(caught.value)
     assert any("--listen" in line for line in service.log_tail())
+
+
+def test_a_failing_step_exits_1_with_the_service_log_and_cleans_up() -> None:
+    # The dev IdP refuses to mint a token for a user name longer than 255 characters:
+    # a real failure, halfway through (after every service has started).
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenferry", "demo", "--user", "x" * 300],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT,
+        env=demo_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    assert "the dev IdP refused to mint a user token" in error_lines[0]
+    assert "invalid_request: sub must be a non-empty string" in error_lines[0]
+    assert "last lines of the idp log:" in result.stderr
+    assert '"service": "dev-idp"' in result.stderr  # the log tail itself
+    assert "Traceback" not in result.stderr
+    temp_dir = TEMP_DIR.search(result.stdout)
+    assert temp_dir, result.stdout
+    assert not Path(temp_dir.group(1)).exists()

@@ -602,8 +602,15 @@ class Demo:
                 json={"sub": self.options.user, "ttl": ttl, "aud": USER_AUDIENCE},
             )
         if response.status_code != 200:
+            try:
+                problem = response.json()
+                reason = f": {problem['error']}: {problem.get('error_description', '')}"
+            except (ValueError, KeyError, TypeError):
+                reason = ""
             raise DemoError(
-                f"the dev IdP refused to mint a user token ({response.status_code})", "idp"
+                f"the dev IdP refused to mint a user token for {self.options.user!r} "
+                f"({response.status_code}{reason})",
+                "idp",
             )
         token = response.json().get("access_token")
         if not isinstance(token, str):
@@ -671,9 +678,12 @@ class Demo:
     def counters(self) -> Counters:
         from prometheus_client.parser import text_string_to_metric_families
 
-        with httpx.Client(trust_env=False, timeout=10) as client:
-            stats = client.get(f"{self.issuer}/dev/stats").json()
-            metrics = client.get(f"{self.gateway_admin_url}/metrics").text
+        try:
+            with httpx.Client(trust_env=False, timeout=10) as client:
+                stats = client.get(f"{self.issuer}/dev/stats").json()
+                metrics = client.get(f"{self.gateway_admin_url}/metrics").text
+        except (httpx.HTTPError, ValueError) as exc:
+            raise DemoError(f"cannot read the IdP's or the gateway's counters: {exc!r}") from None
         by_policy = stats.get("by_policy", {}) if isinstance(stats, dict) else {}
         broker_ok = 0.0
         cache: dict[str, float] = {}
@@ -987,6 +997,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
             demo.report_failure(exc)
         else:
             err.print(Text.assemble(("error: ", "bold red"), str(exc)))
+        code = 1
+    except Exception as exc:  # a bug: still one clear line, and still clean up
+        err.print(Text.assemble(("error: the demo itself failed: ", "bold red"), repr(exc)))
         code = 1
     finally:
         signals.ignore()
