@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,6 +515,13 @@ def _parse_dockerfile(text: str) -> list[Stage]:
 
 STAGES = _parse_dockerfile(DOCKERFILE.read_text())
 FINAL = STAGES[-1]
+# The top-level packages the distribution ships (setuptools' include patterns).
+PACKAGES = {
+    pattern.rstrip("*")
+    for pattern in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+}
 
 
 def _exec_form(args: str) -> list[str]:
@@ -783,13 +791,11 @@ def test_gateway_starts_with_the_manifest_arguments(
 
 def test_image_contains_every_package_and_nothing_else_from_the_context() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {pattern.rstrip("*") for pattern in includes}
     builder_sources: set[str] = set()
     for copy_args in STAGES[0].all("COPY"):
         *sources, _dest = copy_args.split()
         builder_sources.update(s.rstrip("/") for s in sources if not s.startswith("--"))
-    assert packages | {"pyproject.toml", pyproject["project"]["readme"]} == builder_sources
+    assert PACKAGES | {"pyproject.toml", pyproject["project"]["readme"]} == builder_sources
 
     # .dockerignore: deny everything, then allow exactly what the builder copies, so a
     # local .venv, .git, key file or database never reaches the build context.
@@ -801,6 +807,53 @@ def test_image_contains_every_package_and_nothing_else_from_the_context() -> Non
     assert patterns[0] == "*"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     assert allowed == builder_sources
+
+
+def test_the_build_context_alone_builds_a_complete_wheel(tmp_path: Path) -> None:
+    # What the builder stage does, minus the network: only the files .dockerignore admits
+    # (as the COPY lines take them), built with the venv's setuptools.
+    context = tmp_path / "context"
+    context.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache")
+    for copy_args in STAGES[0].all("COPY"):
+        *sources, _dest = copy_args.split()
+        for source in sources:
+            src = REPO / source.rstrip("/")
+            if src.is_dir():
+                shutil.copytree(src, context / src.name, ignore=ignore)
+            else:
+                shutil.copy2(src, context / src.name)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("tokenferry-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "tokenferry = tokenferry.cli.main:main" in archive.read(entry_points).decode()
+    for package in PACKAGES:
+        assert f"{package}/__init__.py" in names, package
+    # Every module of the source tree made it into the wheel.
+    for package in PACKAGES:
+        for module in (REPO / package).rglob("*.py"):
+            assert module.relative_to(REPO).as_posix() in names, module
 
 
 # --------------------------------------------------------------------------- hadolint
