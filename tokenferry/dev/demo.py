@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -650,11 +651,16 @@ class Demo:
                     "orders", "demo-orders", {"user_token": user_token}
                 )
                 stored = orders.credential("user_token")
-                expiry = stored.expires_at if stored and stored.expires_at else None
+                expiry = stored.expires_at if stored is not None else None
+                until = (
+                    f"expires {expiry.astimezone(UTC):%H:%M:%S} UTC"
+                    if expiry
+                    else "no expiry recorded"
+                )
                 self.step(
                     "provider orders",
                     f"profile demo-orders, owner {orders.owner}; {user}'s token stored "
-                    f"(encrypted, write-only; expires {expiry:%H:%M:%S} UTC)",
+                    f"(encrypted, write-only; {until})",
                 )
                 step = "creating provider billing"
                 await alice.create_provider(
