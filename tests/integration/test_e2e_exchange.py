@@ -27,6 +27,7 @@ from tests.support.e2e_stack import (
     prometheus,
     run,
     start_e2e_stack,
+    wait_until,
 )
 from tests.support.gateway_stack import GATEWAY_ID, sandbox_id
 from tests.support.procs import Service
@@ -66,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EStack]:
             )
         )
         # Capture-server routes, one profile (and provider) per test that needs its own.
-        for name in ("burst", "stale", "beta", "update"):
+        for name in ("burst", "stale", "beta", "update", "moved"):
             s.add_profile(
                 exchange_profile(
                     f"capture-{name}",
@@ -77,11 +78,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EStack]:
                 )
             )
         alice = s.user_token("alice")
-        for provider in ("orders", "burst", "stale", "update"):
+        for provider in ("orders", "burst", "stale", "update", "moved"):
             profile = "orders-api" if provider == "orders" else f"capture-{provider}"
             s.add_provider(provider, profile, alice)
         s.add_provider("betaonly", "capture-beta", s.user_token("bob"))
-        s.add_sandbox("alpha", ["orders", "burst", "stale", "update"])
+        s.add_sandbox("alpha", ["orders", "burst", "stale", "update", "moved"])
         s.add_sandbox("beta", ["betaonly"])
         s.start_proxy("alpha", poll_interval=1.0)
         yield s
@@ -148,7 +149,7 @@ def test_subject_token_never_reaches_the_supervisor(stack: E2EStack) -> None:
     config = json.loads(served)
     assert config["sandbox"] == {"name": "alpha", "spiffe_id": ALPHA}
     by_name = {p["name"]: p for p in config["providers"]}
-    assert set(by_name) == {"orders", "burst", "stale", "update"}
+    assert {"orders", "burst", "stale", "update"} <= set(by_name)
     stored = {c["name"]: c for c in by_name["orders"]["credentials"]}
     assert stored["user_token"]["has_value"] is True
     assert "value" not in stored["user_token"]
@@ -269,12 +270,37 @@ def test_a_sandbox_never_obtains_tokens_for_another_sandboxs_provider(stack: E2E
     assert "not attached to sandbox 'alpha'" in detail
 
 
+def test_a_provider_moved_to_another_sandbox_is_refused_before_the_proxy_notices(
+    stack: E2EStack,
+) -> None:
+    # A proxy that will not re-read its configuration during this test still has a route
+    # for "moved" after the provider went to beta: the gateway refuses leg 1 (403), and
+    # the sandbox gets the 502 naming it. Nothing reaches the upstream.
+    slow = stack.start_proxy("alpha", name="proxy-alpha-slow", poll_interval=3600)
+    assert stack.health(slow)[1]["providers"]["moved"] == 1
+    stack.admin_call(lambda a: a.detach_provider("alpha", "moved"))
+    stack.admin_call(lambda a: a.attach_provider("beta", "moved"))
+    refused = stack.broker_requests("forbidden")
+    status, body = curl(slow, f"{stack.capture.url}/moved/x")
+    assert status == 502
+    answer = json.loads(body)
+    assert (answer["error"], answer["provider"]) == ("credential_unavailable", "moved")
+    assert answer["detail"] == (
+        "gateway (leg 1): forbidden (HTTP 403): provider 'moved' is not attached to sandbox 'alpha'"
+    )
+    assert stack.broker_requests("forbidden") - refused == 1
+    assert not any(r.path.startswith("/moved/") for r in stack.capture.requests)
+    # The polling proxy drops the route at its next poll.
+    assert wait_until(lambda: "moved" not in stack.health(proxy_of(stack))[1]["providers"])
+    slow.stop()
+
+
 def test_the_supervisors_logs_contain_no_token(stack: E2EStack) -> None:
     status, _ = curl(proxy_of(stack), stack.upstream_url("orders") + "/orders/last")
     assert status == 200
     injected = stack.capture.tokens()
     assert injected  # the tests above sent tokens through the capture server
-    proxy_log = proxy_of(stack).log_text()
+    proxy_log = "\n".join(p.log_text() for p in stack.proxies.values())
     assert "decision" in proxy_log  # the decision log is on, and still holds no token
     for token in injected | set(stack.user_tokens):
         assert token not in proxy_log
