@@ -21,7 +21,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +113,8 @@ class E2EStack:
     tls_dir: Path
     capture: CaptureServer
     proxies: dict[str, Service] = field(default_factory=dict)
-    user_tokens: list[str] = field(default_factory=list)
+    # Never in a repr: a failing assertion must not print a token.
+    user_tokens: list[str] = field(default_factory=list, repr=False)
 
     # --- addresses ----------------------------------------------------------------
 
@@ -254,6 +255,11 @@ class E2EStack:
         return "\n".join(
             p.read_text(errors="replace") for p in sorted((self.root / "logs").glob("*.log"))
         )
+
+    @staticmethod
+    def leaked(tokens: Iterable[str], text: str) -> list[int]:
+        """Indexes (never values) of the ``tokens`` that occur in ``text``."""
+        return [i for i, token in enumerate(sorted(tokens)) if token in text]
 
     def restart_gateway_on_same_port(self) -> Service:
         """Stop the gateway and start it again: same database, key and port."""
