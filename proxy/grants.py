@@ -276,8 +276,8 @@ class TokenExchangeGrant:
                     grant.token_endpoint,
                     client_assertion=svid.token,
                     client_assertion_type=grant.client_assertion_type,
-                    # The intermediate token is an access token whatever the subject
-                    # token's type was (RFC 8693 §3).
+                    # SPEC §1 step 3: the intermediate token is presented as an access
+                    # token (its audience is this supervisor).
                     subject_token=intermediate.value,
                     subject_token_type=ACCESS_TOKEN_TYPE,
                     requested_token_type=grant.requested_token_type,
@@ -285,6 +285,10 @@ class TokenExchangeGrant:
                     scopes=route.scopes,
                 )
         except Exception as exc:
+            if isinstance(exc, TokenEndpointError) and exc.error == "invalid_grant":
+                # The IdP no longer accepts this intermediate token (revoked, or the
+                # subject behind it): the next attempt must run leg 1 again.
+                self._intermediates.evict_token(self.intermediate_key(route), intermediate.value)
             raise LegError(f"identity provider (leg 2): {describe_failure(exc)}") from None
         return CachedToken.from_response(
             response,

@@ -471,3 +471,20 @@ def test_leg_1_description_of_unknown_errors_hides_their_text() -> None:
     assert describe_leg1_failure(RuntimeError("secret")) == (
         "gateway (leg 1): request failed (RuntimeError)"
     )
+
+
+async def test_leg_2_invalid_grant_drops_the_intermediate_token() -> None:
+    client = FakeExchangeClient(fail=TokenEndpointError(400, "invalid_grant", "revoked"))
+    gateway = FakeGateway()
+    b, grant = exchange_broker(client, gateway)
+    route = exchange_routes()[0]
+    with pytest.raises(GrantError):
+        await b.obtain(route)
+    assert grant.intermediate_cache.peek(grant.intermediate_key(route)) is None
+    # Any other leg-2 failure keeps it: the gateway is not asked again for nothing.
+    client.fail = TokenEndpointUnavailable("connection refused")
+    override = exchange_routes()[1]
+    with pytest.raises(GrantError):
+        await b.obtain(override)
+    assert grant.intermediate_cache.peek(grant.intermediate_key(override)) is not None
+    assert len(gateway.calls) == 2
