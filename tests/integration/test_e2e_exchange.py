@@ -77,12 +77,33 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EStack]:
                     endpoints=[{"host": here, "port": s.capture.port, "path": f"/{name}/**"}],
                 )
             )
+        # A client_credentials credential served by the gateway too (no user involved).
+        s.add_profile(
+            {
+                "id": "reports-service",
+                "credentials": [
+                    {
+                        "name": "service_token",
+                        "token_grant": {
+                            "grant_type": "client_credentials",
+                            "token_endpoint": te,
+                            "audience": "reports",
+                            "scopes": ["reports.read"],
+                        },
+                    }
+                ],
+                "endpoints": [
+                    {"host": here, "port": s.upstream_port("reports"), "path": "/service/**"}
+                ],
+            }
+        )
+        s.admin_call(lambda a: a.create_provider("svc", "reports-service", {}))
         alice = s.user_token("alice")
         for provider in ("orders", "burst", "stale", "update", "moved"):
             profile = "orders-api" if provider == "orders" else f"capture-{provider}"
             s.add_provider(provider, profile, alice)
         s.add_provider("betaonly", "capture-beta", s.user_token("bob"))
-        s.add_sandbox("alpha", ["orders", "burst", "stale", "update", "moved"])
+        s.add_sandbox("alpha", ["orders", "burst", "stale", "update", "moved", "svc"])
         s.add_sandbox("beta", ["betaonly"])
         s.start_proxy("alpha", poll_interval=1.0)
         yield s
@@ -142,6 +163,14 @@ def test_final_token_names_user_sandbox_and_route_audience(stack: E2EStack) -> N
     assert samples['tokenferry_proxy_intermediate_cache_total{outcome="hit"}'] >= 1
     assert samples['tokenferry_proxy_exchange_seconds_count{leg="leg1"}'] >= 1
     assert samples['tokenferry_proxy_exchange_seconds_count{leg="leg2"}'] >= 2
+
+
+def test_client_credentials_routes_from_the_gateway_need_no_user(stack: E2EStack) -> None:
+    brokered = stack.broker_requests()
+    claims = echoed_claims(stack, stack.upstream_url("reports") + "/service/status")
+    assert (claims["sub"], claims["azp"], claims["aud"]) == (ALPHA, ALPHA, ["reports"])
+    assert "act" not in claims
+    assert stack.broker_requests() == brokered  # the gateway is not involved
 
 
 def test_subject_token_never_reaches_the_supervisor(stack: E2EStack) -> None:
