@@ -1,0 +1,175 @@
+"""docs/demo.md's by-hand walkthrough, run for real, so the docs cannot drift from the product.
+
+Every ``sh`` block of the section "Doing it by hand" runs, in page order, in one bash
+(``set -euo pipefail``: a failing command fails the test) with ``.venv/bin`` on ``PATH``
+and free ports substituted for the page's fixed ones. Each ``json`` block the page shows
+must be contained in the output of the block before it. On top of that the test checks
+what the page promises in words: the tokens carry the user and the sandbox, nothing
+prints a token, and the page's own clean-up stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.walkthrough import (
+    ALLOWED_COMMANDS,
+    Block,
+    BlockRun,
+    WalkthroughShell,
+    command_names,
+    contains,
+    free_ports,
+    json_values,
+    parse_blocks,
+    ports_in,
+    substitute_ports,
+)
+
+DEMO_PAGE = Path(__file__).resolve().parents[2] / "docs" / "demo.md"
+SECTION = "Doing it by hand"
+ADMIN_TOKEN = "dev-admin-token-demo"  # the page's dev admin token
+STALE_VALUE = "stale-token-of-alice"  # the page's expired subject credential
+USER = "alice"
+SANDBOX_ID = "spiffe://example.org/sandbox/demo"
+GATEWAY_ID = "spiffe://example.org/gateway"
+# A JWT (header.payload.signature, base64url): no output may contain one.
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+
+
+def shell_env(home: Path) -> dict[str, str]:
+    """A clean environment: the venv first on PATH, none of the caller's settings."""
+    dropped = ("TOKENFERRY_", "SPIFFE_", "XDG_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(dropped)
+        and not k.lower().endswith("_proxy")
+        and k not in {"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "BASH_ENV", "ENV"}
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    env["HOME"] = str(home)  # the page's `cd` (clean-up) and any ~ default land here
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def blocks() -> list[Block]:
+    return parse_blocks(DEMO_PAGE.read_text(), SECTION)
+
+
+@pytest.fixture
+def shell(tmp_path: Path) -> Iterator[WalkthroughShell]:
+    home = tmp_path / "home"
+    home.mkdir()
+    started = WalkthroughShell(tmp_path, shell_env(home))
+    yield started
+    # Whatever happened (a failed block included), nothing the walkthrough started may
+    # outlive the test: the whole process group is ended and must be empty.
+    assert started.stop() == []
+
+
+def stored_login_tokens(config_home: Path) -> list[str]:
+    """Every token value of the CLI's stored logins (the test's own look, never printed)."""
+    store = config_home / "tokenferry" / "credentials.json"
+    data = json.loads(store.read_text())
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in {"access_token", "refresh_token"} and isinstance(item, str):
+                    found.append(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(data)
+    return found
+
+
+def claims_shown(run: BlockRun) -> dict[str, Any]:
+    values = [v for v in json_values(run.output) if isinstance(v, dict) and "claims" in v]
+    assert len(values) == 1, f"{run.block.where()}: expected one echo, got:\n{run.output}"
+    claims = values[0]["claims"]
+    assert isinstance(claims, dict)
+    return claims
+
+
+def test_walkthrough_uses_only_documented_commands(blocks: list[Block]) -> None:
+    """The page asks for the product, curl and shell basics: nothing else to install."""
+    for block in blocks:
+        extra = command_names(block.text) - ALLOWED_COMMANDS
+        assert not extra, f"{block.where()} runs {sorted(extra)}: not a tokenferry command"
+
+
+def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell) -> None:
+    doc_ports = sorted(ports_in(blocks))
+    assert doc_ports, "the walkthrough names no ports"
+    mapping = dict(zip(doc_ports, free_ports(len(doc_ports)), strict=True))
+    runs: list[BlockRun] = []
+    demo_dir: Path | None = None
+    secrets: list[str] = [ADMIN_TOKEN, STALE_VALUE]
+    for block in blocks:
+        if block is blocks[-1]:
+            # Before the page's clean-up removes them: the stored login's tokens, and the
+            # proxy's log, which the secret scan below also reads.
+            assert demo_dir is not None
+            config_home = Path(shell.value('"$XDG_CONFIG_HOME"'))
+            secrets += stored_login_tokens(config_home)
+            logs = [p.read_text(errors="replace") for p in sorted(demo_dir.rglob("*.log"))]
+            members_before_cleanup = shell.group_members()
+        run = shell.run(block, substitute_ports(block.text, mapping))
+        runs.append(run)
+        if demo_dir is None:
+            demo_dir = Path(shell.value('"${DEMO:-}"'))
+            assert demo_dir.is_dir(), f"{block.where()} should create $DEMO"
+            shell.remove_on_stop.append(demo_dir)
+        for shown in block.expected:
+            assert any(contains(actual, shown) for actual in json_values(run.output)), (
+                f"{block.where()}: the page shows {json.dumps(shown)}, "
+                f"but the command printed:\n{run.output}"
+            )
+
+    # One ready line per service started with `&`, and every service the page lists.
+    started = [ready["service"] for ready in shell.ready]
+    assert sorted(started) == sorted(
+        ["dev-spiffe", "dev-spiffe", "dev-idp", "gateway", "dev-upstream", "dev-upstream", "proxy"]
+    ), started
+    assert len(members_before_cleanup) >= 1 + len(started)
+
+    # The token the orders upstream verified: the user as subject, the sandbox as the
+    # authorised party and current actor, the gateway as the actor before it.
+    orders = next(r for r in runs if "/orders/42; echo" in r.script)
+    claims = claims_shown(orders)
+    assert claims["sub"] == USER
+    assert claims["azp"] == SANDBOX_ID
+    assert claims["aud"] == ["orders"]
+    assert claims["scope"] == "orders.read"
+    assert claims["act"] == {"sub": SANDBOX_ID, "act": {"sub": GATEWAY_ID}}
+    reports = claims_shown(next(r for r in runs if "/reports/weekly" in r.script))
+    assert (reports["sub"], reports["azp"], reports["aud"]) == (USER, SANDBOX_ID, ["reports"])
+    assert reports["act"] == {"sub": SANDBOX_ID, "act": {"sub": GATEWAY_ID}}
+
+    # The page's clean-up stopped every service (only the shell itself is left) and
+    # removed the directory.
+    assert shell.wait_group_empty(exclude=[shell.proc.pid]) == []
+    assert demo_dir is not None and not demo_dir.exists()
+
+    # No token in anything printed: the shell's stdout and stderr (every service's log
+    # but the proxy's) and the proxy's log.
+    outputs = ["".join(shell.stdout_seen), shell.stderr_path.read_text(errors="replace"), *logs]
+    for text in outputs:
+        assert JWT.search(text) is None, "a JWT appears in the walkthrough's output"
+        for secret in secrets:
+            assert secret not in text, "a token value appears in the walkthrough's output"
