@@ -12,9 +12,9 @@ Every check the demo makes is also a pass/fail condition: any surprise exits non
 with the tail of the log of the service at fault. No token value is ever printed (the
 upstreams echo *claims*; logs carry no tokens by design).
 
-Processes are started the way ``tests/support/procs.py`` does it (the package must not
-import from ``tests/``): ``python -m tokenferry ARGS``, stdout read until the service's
-ready line, everything else into a log file in the temporary directory.
+Processes are started with ``tokenferry.dev.processes`` (as the tests and the bench do):
+``python -m tokenferry ARGS``, stdout read until the service's ready line, everything
+else into a log file in the temporary directory.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import secrets
 import shutil
 import signal
 import ssl
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,11 +34,13 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import httpx
 from rich.console import Console
 from rich.text import Text
+
+from tokenferry.dev import processes
 
 TRUST_DOMAIN = "example.org"
 GATEWAY_ID = f"spiffe://{TRUST_DOMAIN}/gateway"
@@ -50,27 +50,13 @@ USER_AUDIENCE = "tokenferry"  # the dev IdP's default audience for user tokens
 LOOPBACK = "127.0.0.1"
 
 READY_TIMEOUT = 30.0  # per service; the slowest (the proxy) starts in a few seconds
-STOP_TIMEOUT = 10.0
 DECISION_WAIT = 5.0  # the proxy logs a decision before forwarding; this is slack only
-LOG_TAIL_LINES = 25
 
 # Environment a service must not inherit from the person running the demo: their own
 # proxy settings, gateway settings (every gateway flag has a TOKENFERRY_GATEWAY_*
 # variable) or Workload API socket would change what the demo shows.
 _SCRUBBED_PREFIXES = ("TOKENFERRY_",)
-_SCRUBBED_NAMES = frozenset(
-    {
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "no_proxy",
-        "SPIFFE_ENDPOINT_SOCKET",
-    }
-)
+_SCRUBBED_NAMES = frozenset({*processes.PROXY_VARIABLES, "SPIFFE_ENDPOINT_SOCKET"})
 
 
 class DemoError(Exception):
@@ -89,23 +75,14 @@ class Interrupted(Exception):
 
 
 def service_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _SCRUBBED_NAMES and not key.startswith(_SCRUBBED_PREFIXES)
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    if extra:
-        env.update(extra)
-    return env
+    return processes.clean_environment(
+        extra, remove=_SCRUBBED_NAMES, remove_prefixes=_SCRUBBED_PREFIXES
+    )
 
 
-class ServiceProcess:
-    """``python -m tokenferry ARGS`` as a child process, with its ready line and log file.
-
-    Children get their own process group, so a Ctrl-C in the terminal reaches only the
-    demo, which then stops them in order (proxy first) instead of all dying at once.
-    """
+class ServiceProcess(processes.ServiceProcess):
+    """``python -m tokenferry ARGS`` as a child process of the demo, in its own process
+    group (see ``tokenferry.dev.processes``), with failures reported as ``DemoError``."""
 
     def __init__(
         self,
@@ -116,81 +93,23 @@ class ServiceProcess:
         cwd: Path,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.name = name
-        self.args = tuple(args)
-        self.log_path = log_dir / f"{name}.log"
-        self.ready: dict[str, Any] = {}
-        self._settled = threading.Event()  # ready line seen, or stdout closed
-        self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tokenferry", *self.args],
-                stdout=subprocess.PIPE,
-                stderr=self._log,
-                stdin=subprocess.DEVNULL,
+            super().__init__(
+                name,
+                processes.tokenferry_command(*args),
+                log_dir=log_dir,
                 cwd=cwd,
                 env=service_environment(env),
-                process_group=0,
+                process_group=True,
             )
         except OSError as exc:
-            self._log.close()
             raise DemoError(f"cannot start {name}: {exc}") from None
-        self._pump = threading.Thread(target=self._read_stdout, name=f"{name}-stdout", daemon=True)
-        self._pump.start()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in iter(self.proc.stdout.readline, b""):
-            self._log.write(raw)
-            self._log.flush()
-            if not self.ready:
-                try:
-                    line = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(line, dict) and line.get("event") == "ready":
-                    self.ready = line
-                    self._settled.set()
-        self._settled.set()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
-        eof = self._settled.wait(timeout)
-        if self.ready:
-            return self.ready
-        code = self.proc.poll()
-        if eof and code is None:
-            # stdout closes a moment before the process can be reaped.
-            try:
-                code = self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                code = None
-        if code is None:
-            raise DemoError(f"{self.name} did not become ready within {timeout:.0f} s", self.name)
-        raise DemoError(f"{self.name} exited with status {code} before it was ready", self.name)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        self._pump.join(STOP_TIMEOUT)
-        if not self._log.closed:
-            self._log.close()
-
-    def log_lines(self) -> list[str]:
         try:
-            return self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
-        return self.log_lines()[-lines:]
+            return super().wait_ready(timeout)
+        except processes.StartFailed as exc:
+            raise DemoError(str(exc), exc.service) from None
 
 
 # --- what the demo shows -------------------------------------------------------------
