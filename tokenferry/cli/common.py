@@ -259,5 +259,30 @@ def print_table(
     console.print(table)
 
 
+def print_records[R](
+    args: argparse.Namespace,
+    key: str,
+    records: Sequence[R],
+    columns: Sequence[str],
+    row: Callable[[R], Sequence[object]],
+) -> None:
+    """A list command's output: ``{key: [records]}`` as JSON, else a table of one ``row``
+    per record (and ``no <key>`` on stderr when there is none)."""
+    if output_format(args) == "json":
+        print_json({key: records})
+        return
+    print_table(columns, [row(record) for record in records])
+    if not records:
+        info(f"no {key}")
+
+
+def report_deleted(args: argparse.Namespace, kind: str, key: str, name: str) -> None:
+    """A delete command's output: a message on stderr; ``{key: name, "deleted": true}``
+    on stdout with ``--output json``."""
+    info(f"{kind} {name!r} deleted")
+    if output_format(args) == "json":
+        print_json({key: name, "deleted": True})
+
+
 def print_fields(pairs: Sequence[tuple[str, object]], *, title: str | None = None) -> None:
     print_table(("FIELD", "VALUE"), [(k, v) for k, v in pairs], title=title)

@@ -24,7 +24,9 @@ from tokenferry.cli.common import (
     output_format,
     print_fields,
     print_json,
+    print_records,
     print_table,
+    report_deleted,
     run_gateway,
 )
 from tokenferry.profiles import Problem, Profile, ProfileError, load_profile_file, profile_files
@@ -261,25 +263,23 @@ def run_list(args: argparse.Namespace) -> int:
     async def call(client: GatewayClient) -> list[ProfileRecord]:
         return await client.list_profiles()
 
-    records = run_gateway(args, call)
-    if output_format(args) == "json":
-        print_json({"profiles": records})
-        return 0
-    rows = []
-    for record in records:
+    def row(record: ProfileRecord) -> tuple[object, ...]:
         profile = _parsed(record)
-        rows.append(
-            (
-                record.id,
-                record.display_name,
-                record.category,
-                ", ".join(c.name for c in profile.credentials),
-                len(profile.endpoints),
-            )
+        return (
+            record.id,
+            record.display_name,
+            record.category,
+            ", ".join(c.name for c in profile.credentials),
+            len(profile.endpoints),
         )
-    print_table(("ID", "NAME", "CATEGORY", "CREDENTIALS", "ENDPOINTS"), rows)
-    if not records:
-        info("no profiles")
+
+    print_records(
+        args,
+        "profiles",
+        run_gateway(args, call),
+        ("ID", "NAME", "CATEGORY", "CREDENTIALS", "ENDPOINTS"),
+        row,
+    )
     return 0
 
 
@@ -300,9 +300,7 @@ def run_delete(args: argparse.Namespace) -> int:
         await client.delete_profile(args.id)
 
     run_gateway(args, call)
-    info(f"profile {args.id!r} deleted")
-    if output_format(args) == "json":
-        print_json({"id": args.id, "deleted": True})
+    report_deleted(args, "profile", "id", args.id)
     return 0
 
 

@@ -30,7 +30,9 @@ from tokenferry.cli.common import (
     output_format,
     print_fields,
     print_json,
+    print_records,
     print_table,
+    report_deleted,
     run_gateway,
     token_store,
     usage_error,
@@ -338,26 +340,20 @@ def run_list(args: argparse.Namespace) -> int:
     async def call(client: GatewayClient) -> list[ProviderRecord]:
         return await client.list_providers()
 
-    records = run_gateway(args, call)
-    if output_format(args) == "json":
-        print_json({"providers": records})
-        return 0
-    print_table(
+    print_records(
+        args,
+        "providers",
+        run_gateway(args, call),
         ("NAME", "PROFILE", "OWNER", "REVISION", "CREDENTIALS", "UPDATED"),
-        [
-            (
-                r.name,
-                r.profile,
-                r.owner,
-                r.revision,
-                _credential_summary(r),
-                format_time(r.updated_at),
-            )
-            for r in records
-        ],
+        lambda r: (
+            r.name,
+            r.profile,
+            r.owner,
+            r.revision,
+            _credential_summary(r),
+            format_time(r.updated_at),
+        ),
     )
-    if not records:
-        info("no providers")
     return 0
 
 
@@ -374,9 +370,7 @@ def run_delete(args: argparse.Namespace) -> int:
         await client.delete_provider(args.name)
 
     run_gateway(args, call)
-    info(f"provider {args.name!r} deleted")
-    if output_format(args) == "json":
-        print_json({"name": args.name, "deleted": True})
+    report_deleted(args, "provider", "name", args.name)
     return 0
 
 

@@ -17,7 +17,8 @@ from tokenferry.cli.common import (
     output_format,
     print_fields,
     print_json,
-    print_table,
+    print_records,
+    report_deleted,
     run_gateway,
 )
 
@@ -78,16 +79,13 @@ def run_list(args: argparse.Namespace) -> int:
     async def call(client: GatewayClient) -> list[SandboxRecord]:
         return await client.list_sandboxes()
 
-    records = run_gateway(args, call)
-    if output_format(args) == "json":
-        print_json({"sandboxes": records})
-        return 0
-    print_table(
+    print_records(
+        args,
+        "sandboxes",
+        run_gateway(args, call),
         ("NAME", "SPIFFE ID", "OWNER", "PROVIDERS"),
-        [(r.name, r.spiffe_id, r.owner, ", ".join(r.providers)) for r in records],
+        lambda r: (r.name, r.spiffe_id, r.owner, ", ".join(r.providers)),
     )
-    if not records:
-        info("no sandboxes")
     return 0
 
 
@@ -104,9 +102,7 @@ def run_delete(args: argparse.Namespace) -> int:
         await client.delete_sandbox(args.name)
 
     run_gateway(args, call)
-    info(f"sandbox {args.name!r} deleted")
-    if output_format(args) == "json":
-        print_json({"name": args.name, "deleted": True})
+    report_deleted(args, "sandbox", "name", args.name)
     return 0
 
 
