@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +53,16 @@ def store_error(exc: StoreError) -> ApiError:
     if isinstance(exc, InUse):
         return ApiError("failed_precondition", str(exc))
     return ApiError("internal", "storage error")
+
+
+@asynccontextmanager
+async def _transaction(store: Store) -> AsyncIterator[Tx]:
+    """One store transaction, with storage failures answered as API errors."""
+    try:
+        async with store.transaction() as tx:
+            yield tx
+    except StoreError as exc:
+        raise store_error(exc) from None
 
 
 def check_name(kind: str, value: str) -> None:
@@ -126,16 +137,33 @@ def _may_change(user: User, owner: str) -> bool:
     return user.admin or user.sub == owner
 
 
+async def _owned_provider(tx: Tx, user: User, name: str) -> ProviderRow:
+    """The provider, if this user may change it."""
+    row = await tx.provider_get(name)
+    if row is None:
+        raise not_found(f"provider {name!r} does not exist")
+    if not _may_change(user, row.owner):
+        raise forbidden(f"provider {name!r} belongs to another user")
+    return row
+
+
+async def _owned_sandbox(tx: Tx, user: User, name: str) -> SandboxRow:
+    """The sandbox, if this user may change it."""
+    row = await tx.sandbox_get(name)
+    if row is None:
+        raise not_found(f"sandbox {name!r} does not exist")
+    if not _may_change(user, row.owner):
+        raise forbidden(f"sandbox {name!r} belongs to another user")
+    return row
+
+
 # --- profiles ---------------------------------------------------------------------
 
 
 async def create_profile(store: Store, profile: Profile, source: str) -> dict[str, Any]:
-    try:
-        async with store.transaction() as tx:
-            await tx.profile_insert(profile.id, source, profile_to_dict(profile))
-            row = await tx.profile_get(profile.id)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        await tx.profile_insert(profile.id, source, profile_to_dict(profile))
+        row = await tx.profile_get(profile.id)
     assert row is not None
     return profile_view(row)
 
@@ -154,11 +182,8 @@ async def list_profiles(store: Store) -> list[dict[str, Any]]:
 
 
 async def delete_profile(store: Store, profile_id: str) -> None:
-    try:
-        async with store.transaction() as tx:
-            await tx.profile_delete(profile_id)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        await tx.profile_delete(profile_id)
 
 
 # --- providers --------------------------------------------------------------------
@@ -203,16 +228,13 @@ async def create_provider(
     check_name("provider", name)
     if owner is not None and not user.admin and owner != user.sub:
         raise forbidden("only an admin may create a provider owned by someone else")
-    try:
-        async with store.transaction() as tx:
-            profile = await _profile_for(tx, profile_id)
-            _check_credential_writes(profile, credentials)
-            await tx.provider_insert(name, profile_id, owner or user.sub)
-            for cred_name, write in credentials.items():
-                await tx.credential_put(name, cred_name, write)
-            row = await tx.provider_get(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        profile = await _profile_for(tx, profile_id)
+        _check_credential_writes(profile, credentials)
+        await tx.provider_insert(name, profile_id, owner or user.sub)
+        for cred_name, write in credentials.items():
+            await tx.credential_put(name, cred_name, write)
+        row = await tx.provider_get(name)
     assert row is not None
     return provider_view(row, profile)
 
@@ -241,46 +263,32 @@ async def update_provider(
     profile_id: str | None,
     credentials: Mapping[str, CredentialWrite | None],
 ) -> dict[str, Any]:
-    try:
-        async with store.transaction() as tx:
-            row = await tx.provider_get(name)
-            if row is None:
-                raise not_found(f"provider {name!r} does not exist")
-            if not _may_change(user, row.owner):
-                raise forbidden(f"provider {name!r} belongs to another user")
-            profile = await _profile_for(tx, profile_id or row.profile_id)
-            _check_credential_writes(profile, credentials)
-            for cred_name, write in credentials.items():
-                if write is None:
-                    await tx.credential_delete(name, cred_name)
-                else:
-                    await tx.credential_put(name, cred_name, write)
-            if profile_id is not None and profile_id != row.profile_id:
-                # Stored values must still be credentials of the new profile.
-                current = await tx.provider_get(name)
-                assert current is not None
-                _check_credential_writes(
-                    profile, {c.name: CredentialWrite(None, None) for c in current.credentials}
-                )
-            await tx.provider_update(name, profile_id=profile_id)
-            updated = await tx.provider_get(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        row = await _owned_provider(tx, user, name)
+        profile = await _profile_for(tx, profile_id or row.profile_id)
+        _check_credential_writes(profile, credentials)
+        for cred_name, write in credentials.items():
+            if write is None:
+                await tx.credential_delete(name, cred_name)
+            else:
+                await tx.credential_put(name, cred_name, write)
+        if profile_id is not None and profile_id != row.profile_id:
+            # Stored values must still be credentials of the new profile.
+            current = await tx.provider_get(name)
+            assert current is not None
+            _check_credential_writes(
+                profile, {c.name: CredentialWrite(None, None) for c in current.credentials}
+            )
+        await tx.provider_update(name, profile_id=profile_id)
+        updated = await tx.provider_get(name)
     assert updated is not None
     return provider_view(updated, profile)
 
 
 async def delete_provider(store: Store, user: User, name: str) -> None:
-    try:
-        async with store.transaction() as tx:
-            row = await tx.provider_get(name)
-            if row is None:
-                raise not_found(f"provider {name!r} does not exist")
-            if not _may_change(user, row.owner):
-                raise forbidden(f"provider {name!r} belongs to another user")
-            await tx.provider_delete(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        await _owned_provider(tx, user, name)
+        await tx.provider_delete(name)
 
 
 # --- sandboxes --------------------------------------------------------------------
@@ -307,54 +315,37 @@ async def put_sandbox(
 ) -> tuple[dict[str, Any], bool]:
     """Create or update; returns the view and whether it was created."""
     check_name("sandbox", name)
-    try:
-        async with store.transaction() as tx:
-            existing = await tx.sandbox_get(name)
-            if existing is not None and not _may_change(user, existing.owner):
-                raise forbidden(f"sandbox {name!r} belongs to another user")
-            already = existing.providers if existing else ()
-            await tx.sandbox_put(name, spiffe_id, existing.owner if existing else user.sub)
-            if providers is not None:
-                for provider in providers:
-                    await _check_attach(tx, user, provider, already)
-                await tx.sandbox_set_providers(name, providers)
-            row = await tx.sandbox_get(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        existing = await tx.sandbox_get(name)
+        if existing is not None and not _may_change(user, existing.owner):
+            raise forbidden(f"sandbox {name!r} belongs to another user")
+        already = existing.providers if existing else ()
+        await tx.sandbox_put(name, spiffe_id, existing.owner if existing else user.sub)
+        if providers is not None:
+            for provider in providers:
+                await _check_attach(tx, user, provider, already)
+            await tx.sandbox_set_providers(name, providers)
+        row = await tx.sandbox_get(name)
     assert row is not None
     return sandbox_view(row), existing is None
 
 
 async def attach(store: Store, user: User, name: str, provider: str) -> dict[str, Any]:
-    try:
-        async with store.transaction() as tx:
-            existing = await tx.sandbox_get(name)
-            if existing is None:
-                raise not_found(f"sandbox {name!r} does not exist")
-            if not _may_change(user, existing.owner):
-                raise forbidden(f"sandbox {name!r} belongs to another user")
-            await _check_attach(tx, user, provider, existing.providers)
-            await tx.sandbox_attach(name, provider)
-            row = await tx.sandbox_get(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        existing = await _owned_sandbox(tx, user, name)
+        await _check_attach(tx, user, provider, existing.providers)
+        await tx.sandbox_attach(name, provider)
+        row = await tx.sandbox_get(name)
     assert row is not None
     return sandbox_view(row)
 
 
 async def detach(store: Store, user: User, name: str, provider: str) -> dict[str, Any]:
-    try:
-        async with store.transaction() as tx:
-            existing = await tx.sandbox_get(name)
-            if existing is None:
-                raise not_found(f"sandbox {name!r} does not exist")
-            if not _may_change(user, existing.owner):
-                raise forbidden(f"sandbox {name!r} belongs to another user")
-            if not await tx.sandbox_detach(name, provider):
-                raise not_found(f"provider {provider!r} is not attached to sandbox {name!r}")
-            row = await tx.sandbox_get(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        await _owned_sandbox(tx, user, name)
+        if not await tx.sandbox_detach(name, provider):
+            raise not_found(f"provider {provider!r} is not attached to sandbox {name!r}")
+        row = await tx.sandbox_get(name)
     assert row is not None
     return sandbox_view(row)
 
@@ -373,16 +364,9 @@ async def list_sandboxes(store: Store) -> list[dict[str, Any]]:
 
 
 async def delete_sandbox(store: Store, user: User, name: str) -> None:
-    try:
-        async with store.transaction() as tx:
-            existing = await tx.sandbox_get(name)
-            if existing is None:
-                raise not_found(f"sandbox {name!r} does not exist")
-            if not _may_change(user, existing.owner):
-                raise forbidden(f"sandbox {name!r} belongs to another user")
-            await tx.sandbox_delete(name)
-    except StoreError as exc:
-        raise store_error(exc) from None
+    async with _transaction(store) as tx:
+        await _owned_sandbox(tx, user, name)
+        await tx.sandbox_delete(name)
 
 
 # --- supervisor -------------------------------------------------------------------
