@@ -26,13 +26,13 @@ import requests
 
 from tests.support.gateway_stack import (
     ADMIN_TOKEN,
-    GATEWAY_ID,
     GatewayStack,
     client_credentials_profile_yaml,
     exchange_profile_yaml,
     sandbox_id,
+    start_gateway_stack,
 )
-from tests.support.procs import Service, start_service, tokenferry_command
+from tests.support.procs import Service, tokenferry_command
 from tokenferry.cli.common import format_time
 from tokenferry.cli.main import main
 from tokenferry.login import StoredLogin, TokenStore
@@ -46,57 +46,13 @@ TOKEN_TTL = 20
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
-    tmp = tmp_path_factory.mktemp("cli-stack")
     services: list[Service] = []
-    logs = tmp / "logs"
     try:
-        spiffe = start_service(
-            "spiffe-gateway",
-            [
-                "dev",
-                "spiffe",
-                "--socket",
-                str(tmp / "gateway.sock"),
-                "--spiffe-id",
-                GATEWAY_ID,
-                "--key-file",
-                str(tmp / "trust-domain.pem"),
-                "--jwks-listen",
-                "127.0.0.1:0",
-            ],
-            logs,
+        yield start_gateway_stack(
+            tmp_path_factory.mktemp("cli-stack"),
+            services,
+            extra_idp_args=("--device-interval", "1", "--token-ttl", str(TOKEN_TTL)),
         )
-        services.append(spiffe)
-        idp = start_service(
-            "idp",
-            [
-                "dev",
-                "idp",
-                "--listen",
-                "127.0.0.1:0",
-                "--spiffe-jwks",
-                str(spiffe.ready["jwks_url"]),
-                "--gateway-id",
-                GATEWAY_ID,
-                "--device-interval",
-                "1",
-                "--token-ttl",
-                str(TOKEN_TTL),
-            ],
-            logs,
-        )
-        services.append(idp)
-        built = GatewayStack(
-            tmp=tmp,
-            services=services,
-            key_file=tmp / "trust-domain.pem",
-            spiffe=spiffe,
-            idp=idp,
-            gateway=spiffe,  # replaced just below
-            db_path=tmp / "gateway.db",
-        )
-        built.gateway = built.start_gateway(built.db_path)
-        yield built
     finally:
         for service in reversed(services):
             service.stop()

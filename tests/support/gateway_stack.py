@@ -274,7 +274,11 @@ class GatewayStack:
 
 
 def start_gateway_stack(
-    tmp: Path, services: list[Service], *, extra_gateway_args: tuple[str, ...] = ()
+    tmp: Path,
+    services: list[Service],
+    *,
+    extra_gateway_args: tuple[str, ...] = (),
+    extra_idp_args: tuple[str, ...] = (),
 ) -> GatewayStack:
     tmp.mkdir(parents=True, exist_ok=True)
     key_file = tmp / "trust-domain.pem"
@@ -307,6 +311,7 @@ def start_gateway_stack(
             str(spiffe.ready["jwks_url"]),
             "--gateway-id",
             GATEWAY_ID,
+            *extra_idp_args,
         ],
         logs,
     )
