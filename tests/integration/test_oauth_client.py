@@ -7,8 +7,6 @@ Well-behaved responses come from an aiohttp app; responses no honest server woul
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import logging
 import socket
@@ -21,11 +19,8 @@ from urllib.parse import parse_qsl
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tokenferry.dev.certs import ensure_self_signed
 from tokenferry.oauth import (
     InvalidTokenResponse,
     OAuthError,
@@ -796,41 +791,10 @@ async def test_proxy_environment_is_ignored(
     assert idp.count() == 1
 
 
-def make_tls_files(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test idp")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "idp.pem", directory / "idp.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_https_endpoint_with_private_ca(tmp_path: Path) -> None:
-    cert_path, key_path = make_tls_files(tmp_path)
+    tls = ensure_self_signed(tmp_path, hosts=("127.0.0.1",))
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert_path, key_path)
+    server_ctx.load_cert_chain(tls.cert_file, tls.key_file)
     fake = FakeIdp()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", fake.handle)
@@ -840,7 +804,7 @@ async def test_https_endpoint_with_private_ca(tmp_path: Path) -> None:
     await site.start()
     try:
         url = f"https://127.0.0.1:{bound_port(runner)}/token"
-        trusted = ssl.create_default_context(cafile=str(cert_path))
+        trusted = ssl.create_default_context(cafile=str(tls.ca_file))
         config = TokenClientConfig(ssl_context=trusted, retry_delay=(0.01, 0.02))
         async with TokenEndpointClient(config) as client:
             response = await client.client_credentials(url, client_assertion=ASSERTION)
