@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import re
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
+
+from tokenferry.profiles import is_loopback_host
 
 if TYPE_CHECKING:
     import aiohttp
@@ -296,22 +297,13 @@ class TokenStore:
 # --------------------------------------------------------------------------- HTTP to the IdP
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_idp_url(url: str, what: str) -> str:
     """Device codes and refresh tokens travel to these URLs: https, or http on loopback."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.scheme == "https" and host:
         return url
-    if parts.scheme == "http" and _is_loopback(host):
+    if parts.scheme == "http" and is_loopback_host(host):
         return url
     raise LoginError(
         f"{what} {url[:200]!r} must be an https:// URL (http:// only for loopback hosts)"

@@ -599,7 +599,8 @@ def normalize_host_pattern(value: str) -> tuple[str | None, str | None]:
     return host, None
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP address (where plain http cannot be intercepted)."""
     if host == "localhost":
         return True
     try:
@@ -632,7 +633,7 @@ def _check_token_endpoint(value: str) -> str | None:
         return "must not contain user information"
     if parts.fragment:
         return "must not contain a fragment"
-    if scheme == "http" and not (_is_loopback_host(host) or _is_kubernetes_service(host)):
+    if scheme == "http" and not (is_loopback_host(host) or _is_kubernetes_service(host)):
         return (
             "must use https:// (http:// is allowed only for loopback hosts and "
             "Kubernetes service names such as name.ns.svc)"
