@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from tests.support.walkthrough import (
 
 DEMO_PAGE = Path(__file__).resolve().parents[2] / "docs" / "demo.md"
 SECTION = "Doing it by hand"
+TEMP_TEMPLATE = "mktemp -d /tmp/tf-demo-XXXX"
 ADMIN_TOKEN = "dev-admin-token-demo"  # the page's dev admin token
 STALE_VALUE = "stale-token-of-alice"  # the page's expired subject credential
 USER = "alice"
@@ -47,7 +50,9 @@ JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 
 def shell_env(home: Path) -> dict[str, str]:
     """A clean environment: the venv first on PATH, none of the caller's settings."""
-    dropped = ("TOKENFERRY_", "SPIFFE_", "XDG_")
+    # PYTHON*: as in a person's shell (PYTHONUNBUFFERED, for one, changes how a service's
+    # ready line reaches the terminal).
+    dropped = ("TOKENFERRY_", "SPIFFE_", "XDG_", "PYTHON")
     env = {
         k: v
         for k, v in os.environ.items()
@@ -57,13 +62,21 @@ def shell_env(home: Path) -> dict[str, str]:
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
     env["HOME"] = str(home)  # the page's `cd` (clean-up) and any ~ default land here
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 @pytest.fixture
 def blocks() -> list[Block]:
     return parse_blocks(DEMO_PAGE.read_text(), SECTION)
+
+
+@pytest.fixture
+def demo_root() -> Iterator[Path]:
+    """Where the page's ``mktemp -d /tmp/tf-demo-XXXX`` goes in the test: a directory of
+    the test's own (short: Unix socket paths are limited), removed whatever happens."""
+    root = Path(tempfile.mkdtemp(prefix="tf-wt-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -113,10 +126,17 @@ def test_walkthrough_uses_only_documented_commands(blocks: list[Block]) -> None:
         assert not extra, f"{block.where()} runs {sorted(extra)}: not a tokenferry command"
 
 
-def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell) -> None:
+def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_root: Path) -> None:
     doc_ports = sorted(ports_in(blocks))
     assert doc_ports, "the walkthrough names no ports"
     mapping = dict(zip(doc_ports, free_ports(len(doc_ports)), strict=True))
+    assert TEMP_TEMPLATE in blocks[0].text, f"block 1 should create $DEMO with {TEMP_TEMPLATE}"
+
+    def as_run(block: Block) -> str:
+        return substitute_ports(block.text, mapping).replace(
+            TEMP_TEMPLATE, f"mktemp -d {demo_root}/tf-demo-XXXX"
+        )
+
     runs: list[BlockRun] = []
     demo_dir: Path | None = None
     secrets: list[str] = [ADMIN_TOKEN, STALE_VALUE]
@@ -129,12 +149,12 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell) -> No
             secrets += stored_login_tokens(config_home)
             logs = [p.read_text(errors="replace") for p in sorted(demo_dir.rglob("*.log"))]
             members_before_cleanup = shell.group_members()
-        run = shell.run(block, substitute_ports(block.text, mapping))
+        run = shell.run(block, as_run(block))
         runs.append(run)
         if demo_dir is None:
             demo_dir = Path(shell.value('"${DEMO:-}"'))
             assert demo_dir.is_dir(), f"{block.where()} should create $DEMO"
-            shell.remove_on_stop.append(demo_dir)
+            assert demo_dir.parent == demo_root
         for shown in block.expected:
             assert any(contains(actual, shown) for actual in json_values(run.output)), (
                 f"{block.where()}: the page shows {json.dumps(shown)}, "

@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -204,23 +203,28 @@ def substitute_ports(text: str, mapping: Mapping[int, int]) -> str:
     return _PORT_FIELD.sub(port_field, _PORT_IN_ADDRESS.sub(address, text))
 
 
-def json_values(text: str) -> list[Any]:
-    """Every JSON object or array in some output, in order (other text is skipped)."""
+def _json_spans(text: str) -> list[tuple[int, int, Any]]:
+    """Every JSON object or array in some text: (start, end, value), in order."""
     decoder = json.JSONDecoder()
-    values: list[Any] = []
+    spans: list[tuple[int, int, Any]] = []
     index = 0
     while True:
         starts = [i for i in (text.find("{", index), text.find("[", index)) if i >= 0]
         if not starts:
-            return values
+            return spans
         start = min(starts)
         try:
             value, end = decoder.raw_decode(text, start)
         except ValueError:
             index = start + 1
             continue
-        values.append(value)
+        spans.append((start, end, value))
         index = end
+
+
+def json_values(text: str) -> list[Any]:
+    """Every JSON object or array in some output, in order (other text is skipped)."""
+    return [value for _, _, value in _json_spans(text)]
 
 
 def contains(actual: Any, shown: Any) -> bool:
@@ -277,8 +281,7 @@ class WalkthroughShell:
         self._reader.start()
         self.ready: list[dict[str, Any]] = []
         self.stdout_seen: list[str] = []
-        # Directories the walkthrough creates outside ``workdir`` (its mktemp -d).
-        self.remove_on_stop: list[Path] = []
+        self.services_started = 0  # commands run with a trailing `&` so far
         self._send("set -euo pipefail\n")
 
     def _read(self) -> None:
@@ -304,35 +307,57 @@ class WalkthroughShell:
 
     def stderr_tail(self, chars: int = 4000) -> str:
         self._stderr.flush()
-        return "stderr (last lines):\n" + self.stderr_path.read_text(errors="replace")[-chars:]
+        stdout = "".join(self.stdout_seen)[-chars:]
+        stderr = self.stderr_path.read_text(errors="replace")[-chars:]
+        return f"stdout (last lines):\n{stdout}\nstderr (last lines):\n{stderr}"
 
-    def _next_line(self, deadline: float, waiting_for: str) -> str:
-        try:
-            line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise WalkthroughError(
-                f"timed out waiting for {waiting_for}\n{self.stderr_tail()}"
-            ) from None
-        if line is None:
-            raise self._died(f"while waiting for {waiting_for}")
-        self.stdout_seen.append(line)
-        return line
+    def _next_line(self, deadline: float, waiting_for: str, *, services: int = 0) -> str:
+        """The shell's next stdout line.
+
+        Meanwhile the shell must stay alive (``set -e`` ends it on a failing command, but
+        the services it started keep stdout open, so no end-of-file would tell) and at
+        least ``services`` processes besides it must be running (a service that exits
+        before its ready line, on a bad flag or a busy port, would otherwise only show up
+        as a timeout).
+        """
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WalkthroughError(f"timed out waiting for {waiting_for}\n{self.stderr_tail()}")
+            try:
+                line = self._lines.get(timeout=min(0.2, remaining))
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise self._died(f"while waiting for {waiting_for}") from None
+                if services:
+                    running = [pid for pid in self.group_members() if pid != self.proc.pid]
+                    if len(running) < services:
+                        raise WalkthroughError(
+                            f"a service exited while waiting for {waiting_for} "
+                            f"({len(running)} of {services} running)\n{self.stderr_tail()}"
+                        ) from None
+                continue
+            if line is None:
+                raise self._died(f"while waiting for {waiting_for}")
+            self.stdout_seen.append(line)
+            return line
 
     def _take(self, line: str, run: BlockRun | None) -> None:
-        """Sort a stdout line: a service's ready line, or output of the current block."""
-        text = line.strip()
-        if text.startswith("{"):
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict) and obj.get("event") == "ready":
-                self.ready.append(obj)
+        """Sort a stdout line: services' ready lines, or output of the current block.
+
+        Services started together share the terminal (here: a pipe), and a print() may
+        reach it as two writes (the text, then the newline), so two ready lines can
+        arrive glued on one line: each JSON object is looked at on its own.
+        """
+        rest = line
+        for start, end, value in _json_spans(line):
+            if isinstance(value, dict) and value.get("event") == "ready":
+                self.ready.append(value)
                 if run is not None:
-                    run.ready.append(obj)
-                return
-        if run is not None:
-            run.output += line
+                    run.ready.append(value)
+                rest = rest.replace(line[start:end], "", 1)
+        if run is not None and rest.strip():
+            run.output += rest
 
     def run(self, block: Block, script: str, *, timeout: float = 60.0) -> BlockRun:
         """Run one block; return once it finished and every service it started is ready."""
@@ -341,6 +366,7 @@ class WalkthroughShell:
         path.write_text(script)
         run = BlockRun(block, script, "")
         expected_ready = len(self.ready) + block.services
+        self.services_started += block.services
         # stdin from /dev/null: the block's commands must not read the rest of this feed.
         self._send(f"source '{path}' </dev/null\nprintf '\\n{_DONE} {block.number}\\n'\n")
         deadline = started + timeout
@@ -353,7 +379,7 @@ class WalkthroughShell:
         deadline = time.monotonic() + self.ready_timeout
         while len(self.ready) < expected_ready:
             what = f"{expected_ready - len(self.ready)} ready line(s) of {block.where()}"
-            self._take(self._next_line(deadline, what), run)
+            self._take(self._next_line(deadline, what, services=self.services_started), run)
         run.seconds = time.monotonic() - started
         return run
 
@@ -395,8 +421,7 @@ class WalkthroughShell:
     def stop(self) -> list[int]:
         """End the shell and everything it started: SIGTERM to the group, then SIGKILL.
 
-        Returns the processes still alive in the group afterwards (none, normally), and
-        removes the directories in ``remove_on_stop``.
+        Returns the processes still alive in the group afterwards (none, normally).
         """
         if self.proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError):
@@ -412,6 +437,4 @@ class WalkthroughShell:
             self.proc.wait(5)
         self._reader.join(5)
         self._stderr.close()
-        for directory in self.remove_on_stop:
-            shutil.rmtree(directory, ignore_errors=True)
         return self.group_members()
