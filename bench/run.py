@@ -49,6 +49,8 @@ import loadgen  # noqa: E402
 import probe  # noqa: E402
 from procs import ProcessSet, StartFailed, mitmdump_ready  # noqa: E402
 
+from tokenferry.dev.processes import tokenferry_command  # noqa: E402
+
 SPIFFE_ID = "spiffe://example.org/sandbox/bench"
 AUDIENCE = "bench-upstream"
 GOAL_INJECT_RATIO = 0.90
@@ -182,10 +184,6 @@ def pick_generator(choice: str) -> str:
     return choice
 
 
-def tokenferry(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tokenferry", *args]
-
-
 def start_mitmdump(procs: ProcessSet, tmp: Path, ca_file: Path) -> str:
     mitmdump = Path(sys.executable).with_name("mitmdump")
     command = [
@@ -242,7 +240,7 @@ def start_tokenferry(
     socket_path = tmp / "spiffe.sock"
     agent = procs.start(
         "dev-spiffe",
-        tokenferry(
+        tokenferry_command(
             "dev",
             "spiffe",
             "--socket",
@@ -260,7 +258,7 @@ def start_tokenferry(
         raise SetupError(f"dev spiffe ready line has no jwks_url: {agent.ready}")
     idp = procs.start(
         "dev-idp",
-        tokenferry(
+        tokenferry_command(
             "dev",
             "idp",
             "--listen",
@@ -277,7 +275,7 @@ def start_tokenferry(
     )
     proxy = procs.start(
         "tokenferry-proxy",
-        tokenferry(
+        tokenferry_command(
             "proxy",
             "--listen",
             "127.0.0.1:0",

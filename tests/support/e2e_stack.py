@@ -33,7 +33,7 @@ import yaml
 from gateway_client import CredentialInput, GatewayClient
 from tests.support.gateway_stack import GatewayStack, sandbox_id, start_gateway_stack
 from tests.support.procs import Service, start_service
-from tests.support.stack import CaptureServer, port_of
+from tests.support.stack import CaptureServer, metrics, port_of, prometheus
 from tokenferry.svid import WorkloadApiSvidSource
 
 EXCHANGE_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -79,17 +79,6 @@ def _get_json(url: str, *, context: ssl.SSLContext | None = None) -> tuple[int, 
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
-
-
-def prometheus(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float = 15.0, step: float = 0.1) -> bool:
@@ -213,7 +202,7 @@ class E2EStack:
 
     @staticmethod
     def proxy_metrics(proxy: Service) -> dict[str, float]:
-        return prometheus(f"{proxy.ready['admin_url']}/metrics")
+        return metrics(proxy)
 
     # --- observations -----------------------------------------------------------------
 

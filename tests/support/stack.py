@@ -339,7 +339,12 @@ class Stack:
 
 def metrics(proxy: Service) -> dict[str, float]:
     """The proxy's Prometheus samples as ``{'name{labels}': value}``."""
-    with urllib.request.urlopen(f"{proxy.ready['admin_url']}/metrics", timeout=10) as response:
+    return prometheus(f"{proxy.ready['admin_url']}/metrics")
+
+
+def prometheus(url: str) -> dict[str, float]:
+    """The Prometheus samples served at ``url`` as ``{'name{labels}': value}``."""
+    with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     samples: dict[str, float] = {}
     for line in text.splitlines():
