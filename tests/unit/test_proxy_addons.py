@@ -5,14 +5,16 @@ important ones with real processes and clients."""
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy import log as mitmproxy_log
 from mitmproxy.addons import save
 from mitmproxy.test import taddons, tflow
 
-from addons.audit import DECISION_KEY, Audit
+from addons.audit import DECISION_KEY, Audit, decision_logger
 from addons.inject import REDACTED, Inject
 from addons.passthrough import Passthrough
 from proxy.config import ProviderConfig, SupervisorConfig
@@ -224,6 +226,25 @@ def test_audit_logs_one_line_without_secrets(caplog: Any) -> None:
     records = [r for r in caplog.records if r.name == "tokenferry.decision"]
     assert len(records) == 1
     assert records[0].__dict__["sandbox"] == "sb"
+
+
+def test_decision_lines_skip_the_add_log_hook_only() -> None:
+    # Turning each decision line into an add_log event walked the whole addon chain per
+    # request; every other record still becomes one.
+    with taddons.context() as tctx:
+        tctx.master.addons.add(Audit(supervisor(FakeBroker())))
+        legacy = [
+            h for h in logging.getLogger().handlers if isinstance(h, mitmproxy_log.LegacyLogEvents)
+        ]
+        assert legacy
+
+        def record(name: str) -> logging.LogRecord:
+            return logging.LogRecord(name, logging.INFO, __file__, 1, "decision", (), None)
+
+        for handler in legacy:
+            assert not handler.filter(record(decision_logger.name))
+            assert handler.filter(record("tokenferry.proxy"))
+            assert handler.filter(record("mitmproxy.proxy.server"))
 
 
 def test_host_header_mismatch_rules() -> None:
