@@ -3,7 +3,8 @@
 Every ``sh`` block of the section "Doing it by hand" runs, in page order, in one bash
 (``set -euo pipefail``: a failing command fails the test) with ``.venv/bin`` on ``PATH``
 and free ports substituted for the page's fixed ones. Each ``json`` block the page shows
-must be contained in the output of the block before it. On top of that the test checks
+must be contained in the output of the block before it, and each line of a ``text``
+block must be one of its lines. On top of that the test checks
 what the page promises in words: the tokens carry the user and the sandbox, nothing
 prints a token, and the page's own clean-up stops every process it started.
 """
@@ -111,10 +112,16 @@ def stored_login_tokens(config_home: Path) -> list[str]:
     return found
 
 
-def claims_shown(run: BlockRun) -> dict[str, Any]:
-    values = [v for v in json_values(run.output) if isinstance(v, dict) and "claims" in v]
-    assert len(values) == 1, f"{run.block.where()}: expected one echo, got:\n{run.output}"
-    claims = values[0]["claims"]
+def claims_echoed(runs: list[BlockRun], path: str) -> dict[str, Any]:
+    """The claims the upstream echoed to the one block that printed its answer for ``path``."""
+    echoes = [
+        value
+        for run in runs
+        for value in json_values(run.output)
+        if isinstance(value, dict) and "claims" in value and value.get("path") == path
+    ]
+    assert len(echoes) == 1, f"expected one printed answer for {path}, got {len(echoes)}"
+    claims = echoes[0]["claims"]
     assert isinstance(claims, dict)
     return claims
 
@@ -160,6 +167,24 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_
                 f"{block.where()}: the page shows {json.dumps(shown)}, "
                 f"but the command printed:\n{run.output}"
             )
+        printed = {line.strip() for line in run.output.splitlines()}
+        for shown_line in block.expected_lines:
+            assert shown_line in printed, (
+                f"{block.where()}: the page shows the line {shown_line!r}, "
+                f"but the command printed:\n{run.output}"
+            )
+        printed = {line.strip() for line in run.output.splitlines()}
+        for shown_line in block.expected_lines:
+            assert shown_line in printed, (
+                f"{block.where()}: the page shows the line {shown_line!r}, "
+                f"but the command printed:\n{run.output}"
+            )
+        printed = {line.strip() for line in run.output.splitlines()}
+        for shown_line in block.expected_lines:
+            assert shown_line in printed, (
+                f"{block.where()}: the page shows the line {shown_line!r}, "
+                f"but the command printed:\n{run.output}"
+            )
 
     # One ready line per service started with `&`, and every service the page lists.
     started = [ready["service"] for ready in shell.ready]
@@ -170,21 +195,21 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_
 
     # The token the orders upstream verified: the user as subject, the sandbox as the
     # authorised party and current actor, the gateway as the actor before it.
-    orders = next(r for r in runs if "/orders/42; echo" in r.script)
-    claims = claims_shown(orders)
+    claims = claims_echoed(runs, "/orders/42")
     assert claims["sub"] == USER
     assert claims["azp"] == SANDBOX_ID
     assert claims["aud"] == ["orders"]
     assert claims["scope"] == "orders.read"
     assert claims["act"] == {"sub": SANDBOX_ID, "act": {"sub": GATEWAY_ID}}
-    reports = claims_shown(next(r for r in runs if "/reports/weekly" in r.script))
+    reports = claims_echoed(runs, "/reports/weekly")
     assert (reports["sub"], reports["azp"], reports["aud"]) == (USER, SANDBOX_ID, ["reports"])
     assert reports["act"] == {"sub": SANDBOX_ID, "act": {"sub": GATEWAY_ID}}
 
     # The page's clean-up stopped every service (only the shell itself is left) and
     # removed the directory.
-    assert shell.wait_group_empty(exclude=[shell.proc.pid]) == []
-    assert demo_dir is not None and not demo_dir.exists()
+    left = shell.wait_group_empty(exclude=[shell.proc.pid])
+    assert left == [], f"still running after the page's clean-up: {left}"
+    assert demo_dir is not None and not demo_dir.exists(), "the clean-up left $DEMO behind"
 
     # No token in anything printed: the shell's stdout and stderr (every service's log
     # but the proxy's) and the proxy's log.

@@ -1,8 +1,9 @@
 """Run the by-hand walkthrough of a Markdown page, as a person would, in one shell.
 
 The page's walkthrough section is a sequence of fenced ``sh`` blocks (run, in order, in
-one bash process, so ``export`` and ``cd`` carry over as in a terminal) and ``json``
-blocks (the abridged output of the ``sh`` block before them). Services are started in
+one bash process, so ``export`` and ``cd`` carry over as in a terminal), ``json`` blocks
+(the abridged output of the ``sh`` block before them) and ``text`` blocks (lines that
+output contains); other blocks are prose. Services are started in
 the docs with a trailing ``&`` and announce themselves with a ready line on stdout
 (``{"event": "ready", ...}``); before the next block the runner waits for one ready line
 per ``&``, as the reader is told to.
@@ -25,7 +26,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,6 +72,7 @@ class Block:
     line: int  # line of the opening fence in the Markdown file
     text: str
     expected: tuple[Any, ...] = ()  # parsed ``json`` blocks that follow it
+    expected_lines: tuple[str, ...] = ()  # lines of ``text`` blocks that follow it
 
     @property
     def services(self) -> int:
@@ -125,8 +127,12 @@ def parse_blocks(markdown: str, heading: str) -> list[Block]:
                 value = json.loads(body)
             except ValueError as exc:
                 raise WalkthroughError(f"line {line}: json block does not parse: {exc}") from None
-            last = blocks[-1]
-            blocks[-1] = Block(last.number, last.line, last.text, (*last.expected, value))
+            blocks[-1] = replace(blocks[-1], expected=(*blocks[-1].expected, value))
+        elif language == "text":
+            if not blocks:
+                raise WalkthroughError(f"line {line}: a text block before any sh block")
+            shown = tuple(x.strip() for x in body.splitlines() if x.strip())
+            blocks[-1] = replace(blocks[-1], expected_lines=(*blocks[-1].expected_lines, *shown))
     if not blocks:
         raise WalkthroughError(f"section '## {heading}' has no sh blocks")
     return blocks
