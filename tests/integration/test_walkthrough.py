@@ -218,3 +218,51 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_
         assert JWT.search(text) is None, "a JWT appears in the walkthrough's output"
         for secret in secrets:
             assert secret not in text, "a token value appears in the walkthrough's output"
+
+
+def test_page_conventions_are_read_as_documented() -> None:
+    """The helpers the walkthrough test relies on, on a small page of their own."""
+    page = "\n".join(
+        [
+            "## Doing it by hand",
+            "```sh",
+            "tokenferry dev idp --listen 127.0.0.1:8180 \\",
+            "    --device-interval 1 &   # a service",
+            "cat > p.yaml <<'YAML'",
+            "  - {host: 127.0.0.1, port: 9002, path: /x/**}",
+            "jq is not a command here &",
+            "YAML",
+            "curl -s https://localhost:9001/x | grep -c 8180; echo && true",
+            "```",
+            "```json",
+            '{"a": {"b": [1, 2]}}',
+            "```",
+            "```text",
+            "line one",
+            "```",
+            "```console",
+            "$ not run",
+            "```",
+            "## Next",
+            "```sh",
+            "not in the section",
+            "```",
+        ]
+    )
+    (block,) = parse_blocks(page, SECTION)
+    assert block.services == 1
+    assert block.expected == ({"a": {"b": [1, 2]}},)
+    assert block.expected_lines == ("line one",)
+    assert command_names(block.text) == {"tokenferry", "cat", "curl", "grep", "echo", "true"}
+    assert ports_in([block]) == {8180, 9002, 9001}
+    rewritten = substitute_ports(block.text, {8180: 1, 9002: 2, 9001: 3})
+    assert "127.0.0.1:1 " in rewritten and "port: 2," in rewritten
+    assert "localhost:3/x" in rewritten and "grep -c 8180" in rewritten
+    assert contains({"a": {"b": [1, 2], "c": 3}, "d": 4}, {"a": {"b": [1, 2]}})
+    assert not contains({"a": {"b": [1, 2, 3]}}, {"a": {"b": [1, 2]}})
+    assert not contains({"a": 1}, {"a": True})
+    assert json_values('x {"event": "ready"}{"event": "ready"} y [1]') == [
+        {"event": "ready"},
+        {"event": "ready"},
+        [1],
+    ]
