@@ -4,9 +4,9 @@ Every ``sh`` block of the section "Doing it by hand" runs, in page order, in one
 (``set -euo pipefail``: a failing command fails the test) with ``.venv/bin`` on ``PATH``
 and free ports substituted for the page's fixed ones. Each ``json`` block the page shows
 must be contained in the output of the block before it, and each line of a ``text``
-block must be one of its lines. On top of that the test checks
-what the page promises in words: the tokens carry the user and the sandbox, nothing
-prints a token, and the page's own clean-up stops every process it started.
+block must be one of its lines. On top of that the test checks what the page promises
+in words: the tokens carry the user and the sandbox, nothing prints a token, and the
+page's own clean-up stops every process it started.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def stored_login_tokens(config_home: Path) -> list[str]:
                 walk(item)
 
     walk(data)
+    assert found, f"no token in {store}: nothing to look for"
     return found
 
 
@@ -145,23 +146,10 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_
         )
 
     runs: list[BlockRun] = []
-    demo_dir: Path | None = None
-    secrets: list[str] = [ADMIN_TOKEN, STALE_VALUE]
-    for block in blocks:
-        if block is blocks[-1]:
-            # Before the page's clean-up removes them: the stored login's tokens, and the
-            # proxy's log, which the secret scan below also reads.
-            assert demo_dir is not None
-            config_home = Path(shell.value('"$XDG_CONFIG_HOME"'))
-            secrets += stored_login_tokens(config_home)
-            logs = [p.read_text(errors="replace") for p in sorted(demo_dir.rglob("*.log"))]
-            members_before_cleanup = shell.group_members()
+
+    def run_and_compare(block: Block) -> None:
         run = shell.run(block, as_run(block))
         runs.append(run)
-        if demo_dir is None:
-            demo_dir = Path(shell.value('"${DEMO:-}"'))
-            assert demo_dir.is_dir(), f"{block.where()} should create $DEMO"
-            assert demo_dir.parent == demo_root
         for shown in block.expected:
             assert any(contains(actual, shown) for actual in json_values(run.output)), (
                 f"{block.where()}: the page shows {json.dumps(shown)}, "
@@ -173,25 +161,32 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_
                 f"{block.where()}: the page shows the line {shown_line!r}, "
                 f"but the command printed:\n{run.output}"
             )
-        printed = {line.strip() for line in run.output.splitlines()}
-        for shown_line in block.expected_lines:
-            assert shown_line in printed, (
-                f"{block.where()}: the page shows the line {shown_line!r}, "
-                f"but the command printed:\n{run.output}"
-            )
-        printed = {line.strip() for line in run.output.splitlines()}
-        for shown_line in block.expected_lines:
-            assert shown_line in printed, (
-                f"{block.where()}: the page shows the line {shown_line!r}, "
-                f"but the command printed:\n{run.output}"
-            )
+
+    *steps, cleanup = blocks
+    run_and_compare(steps[0])
+    demo_dir = Path(shell.value('"${DEMO:-}"'))
+    assert demo_dir.parent == demo_root and demo_dir.is_dir(), f"block 1 made no $DEMO: {demo_dir}"
+    for block in steps[1:]:
+        run_and_compare(block)
+
+    # Before the page's clean-up removes them: the stored login's tokens, and the logs in
+    # $DEMO (the proxy's), which the secret scan below also reads.
+    secrets = [
+        ADMIN_TOKEN,
+        STALE_VALUE,
+        *stored_login_tokens(Path(shell.value('"$XDG_CONFIG_HOME"'))),
+    ]
+    logs = [p.read_text(errors="replace") for p in sorted(demo_dir.rglob("*.log"))]
+    assert logs, "no log in $DEMO (the page sends the proxy's to proxy.log)"
+    running = [pid for pid in shell.group_members() if pid != shell.proc.pid]
+    run_and_compare(cleanup)
 
     # One ready line per service started with `&`, and every service the page lists.
     started = [ready["service"] for ready in shell.ready]
     assert sorted(started) == sorted(
         ["dev-spiffe", "dev-spiffe", "dev-idp", "gateway", "dev-upstream", "dev-upstream", "proxy"]
     ), started
-    assert len(members_before_cleanup) >= 1 + len(started)
+    assert len(running) >= len(started), f"services running before the clean-up: {running}"
 
     # The token the orders upstream verified: the user as subject, the sandbox as the
     # authorised party and current actor, the gateway as the actor before it.
@@ -209,7 +204,7 @@ def test_walkthrough_by_hand(blocks: list[Block], shell: WalkthroughShell, demo_
     # removed the directory.
     left = shell.wait_group_empty(exclude=[shell.proc.pid])
     assert left == [], f"still running after the page's clean-up: {left}"
-    assert demo_dir is not None and not demo_dir.exists(), "the clean-up left $DEMO behind"
+    assert not demo_dir.exists(), "the clean-up left $DEMO behind"
 
     # No token in anything printed: the shell's stdout and stderr (every service's log
     # but the proxy's) and the proxy's log.
