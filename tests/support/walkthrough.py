@@ -281,7 +281,7 @@ class WalkthroughShell:
             env=dict(env),
             start_new_session=True,
         )
-        self.pgid = os.getpgid(self.proc.pid)
+        self.pgid = self.proc.pid  # a new session: the shell leads its own process group
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
