@@ -33,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.store import CredentialWrite, Store
+from gateway.trust import EndpointTrust, TrustedEndpoints, TrustUnavailable
 from tokenferry.profiles import Problem, Profile, ProfileError, load_profile_text, parse_profile
 from tokenferry.svid_verify import VerifiedSvid, parse_spiffe_id
 from tokenferry.tokens import peek_jwt_claims
@@ -70,6 +71,8 @@ SUPERVISORS = web.AppKey("supervisors", SupervisorAuthenticator)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 AUTH_SETTINGS = web.AppKey("auth_settings", AuthSettings)
 TRUST_DOMAINS = web.AppKey("trust_domains", frozenset)
+TRUST = web.AppKey("trust", EndpointTrust)
+PROFILES_ADMIN_ONLY = web.AppKey("profiles_admin_only", bool)
 
 
 # --- parsing helpers --------------------------------------------------------------
@@ -295,9 +298,32 @@ def parse_profile_body(body: Mapping[str, Any]) -> tuple[Profile, tuple[Problem,
     )
 
 
+async def trusted_endpoints(request: web.Request) -> TrustedEndpoints:
+    try:
+        return await request.app[TRUST].resolve()
+    except TrustUnavailable as exc:
+        raise identity_unavailable(str(exc)) from None
+
+
+def untrusted_profile(problems: list[tuple[str, str]]) -> ApiError:
+    found = [Problem("profile", path, message) for path, message in problems]
+    return invalid_request(
+        "untrusted profile: " + "; ".join(f"{p.path}: {p.message}" for p in found),
+        field=found[0].path,
+        problems=[p.to_dict() for p in found],
+    )
+
+
 async def create_profile(request: web.Request) -> web.Response:
-    await user_of(request)
+    user = await user_of(request)
+    if request.app[PROFILES_ADMIN_ONLY] and not user.admin:
+        raise forbidden("only an admin may register profiles on this gateway")
     profile, warnings, source = parse_profile_body(await json_body(request))
+    # Where the gateway and supervisors will send SVIDs and subject tokens: only to
+    # endpoints the operator trusts (gateway.trust), checked before anything is stored.
+    problems = (await trusted_endpoints(request)).profile_problems(profile)
+    if problems:
+        raise untrusted_profile(problems)
     view = await records.create_profile(request.app[STORE], profile, source)
     log.info("profile registered", extra={"profile": profile.id})
     return answer({**view, "warnings": [w.to_dict() for w in warnings]}, status=201)
@@ -442,7 +468,9 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 async def supervisor_config(request: web.Request) -> web.Response:
     svid = await supervisor_of(request)
-    body, etag = await records.supervisor_config(request.app[STORE], svid.spiffe_id)
+    body, etag = await records.supervisor_config(
+        request.app[STORE], svid.spiffe_id, await trusted_endpoints(request)
+    )
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-store"})
     return answer(body, headers={"ETag": etag})

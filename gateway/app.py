@@ -27,6 +27,7 @@ from gateway.config import GatewayConfig
 from gateway.crypto import KeyConfigError, load_keyring
 from gateway.metrics import GatewayMetrics
 from gateway.store import DatabaseError, Store, parse_database_option
+from gateway.trust import EndpointTrust
 from tokenferry.oauth import TokenEndpointClient
 from tokenferry.service import announce_ready, configure_logging
 from tokenferry.svid import JwtSvid, SvidSource, SvidUnavailable, svid_source_from_options
@@ -86,6 +87,7 @@ def build_api_app(
     app[api.STORE] = store
     app[api.METRICS] = metrics
     app[api.TRUST_DOMAINS] = settings.trust_domains
+    app[api.PROFILES_ADMIN_ONLY] = config.profiles_admin_only
     app[api.AUTH_SETTINGS] = api.AuthSettings(
         issuer=config.oidc_issuer,
         client_id=config.cli_client_id,
@@ -106,16 +108,27 @@ def build_api_app(
         )
         token_client = TokenEndpointClient()
         cache = TokenCache()
+        oidc = OidcVerifier(config.oidc_issuer, config.oidc_audience, http=lambda: session)
         app[api.USERS] = UserAuthenticator(
-            OidcVerifier(config.oidc_issuer, config.oidc_audience, http=lambda: session),
-            dev_admin_token=config.dev_admin_token,
+            oidc, dev_admin_token=config.dev_admin_token, admin_subjects=config.admin_subjects
         )
+        # Without configured endpoints, the issuer's discovery document names the one
+        # trusted endpoint: fetched on first use (not at start-up, so the gateway starts
+        # while the IdP is still coming up) and then kept.
+        trust = EndpointTrust(
+            issuer=config.oidc_issuer,
+            endpoints=config.trusted_token_endpoints,
+            svid_audiences=config.trusted_svid_audiences,
+            discovery=oidc.discovery,
+        )
+        app[api.TRUST] = trust
         app[api.BROKER] = Broker(
             store=store,
             svid_source=svid_source,
             token_client=token_client,
             cache=cache,
             metrics=metrics,
+            trust=trust,
         )
         try:
             yield
@@ -231,6 +244,10 @@ async def serve(
                 "database": db_path,
                 "key": key_origin,
                 "dev_mode": config.dev_mode,
+                "trusted_token_endpoints": list(config.trusted_token_endpoints)
+                or "from the OIDC issuer's discovery document",
+                "admin_subjects": len(config.admin_subjects),
+                "profiles_admin_only": config.profiles_admin_only,
             },
         )
         announce_ready(

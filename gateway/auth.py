@@ -168,6 +168,8 @@ class OidcVerifier:
         self._clock = clock
         self._state = _IssuerKeys()
         self._lock = asyncio.Lock()
+        self._discovery: dict[str, Any] | None = None
+        self._discovery_lock = asyncio.Lock()
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         try:
@@ -184,15 +186,24 @@ class OidcVerifier:
             raise IdentityUnavailable(f"{url} did not return a JSON object")
         return data
 
+    async def discovery(self) -> dict[str, Any]:
+        """The issuer's discovery document, fetched once (also names its token endpoint)."""
+        async with self._discovery_lock:
+            if self._discovery is None:
+                discovery_url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                doc = await self._get_json(discovery_url)
+                if doc.get("issuer") != self.issuer:
+                    raise IdentityUnavailable(
+                        f"discovery document names issuer {doc.get('issuer')!r}, "
+                        f"not {self.issuer!r}"
+                    )
+                self._discovery = doc
+            return self._discovery
+
     async def _refresh(self) -> None:
         state = self._state
         if state.jwks_uri is None:
-            discovery_url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            doc = await self._get_json(discovery_url)
-            if doc.get("issuer") != self.issuer:
-                raise IdentityUnavailable(
-                    f"discovery document names issuer {doc.get('issuer')!r}, not {self.issuer!r}"
-                )
+            doc = await self.discovery()
             jwks_uri = doc.get("jwks_uri")
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
                 raise IdentityUnavailable("discovery document has no usable jwks_uri")
@@ -260,9 +271,18 @@ class OidcVerifier:
 
 
 class UserAuthenticator:
-    def __init__(self, oidc: OidcVerifier, *, dev_admin_token: str | None) -> None:
+    def __init__(
+        self,
+        oidc: OidcVerifier,
+        *,
+        dev_admin_token: str | None,
+        admin_subjects: Collection[str] = (),
+    ) -> None:
         self._oidc = oidc
         self._dev_admin = dev_admin_token.encode() if dev_admin_token else None
+        # Subjects of the one configured issuer: a token from any other issuer is refused
+        # before its `sub` is looked at, so a listed `sub` cannot be claimed elsewhere.
+        self._admin_subjects = frozenset(admin_subjects)
 
     def __repr__(self) -> str:
         return f"UserAuthenticator(issuer={self._oidc.issuer!r}, dev_mode={bool(self._dev_admin)})"
@@ -273,4 +293,5 @@ class UserAuthenticator:
         if self._dev_admin is not None and hmac.compare_digest(token.encode(), self._dev_admin):
             return User(sub="admin", admin=True)
         claims = await self._oidc.verify(token)
-        return User(sub=str(claims["sub"]))
+        sub = str(claims["sub"])
+        return User(sub=sub, admin=sub in self._admin_subjects)

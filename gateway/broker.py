@@ -26,6 +26,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.store import Store
+from gateway.trust import EndpointTrust, TrustUnavailable
 from tokenferry.oauth import (
     InvalidTokenResponse,
     OAuthError,
@@ -74,7 +75,9 @@ class Broker:
         token_client: TokenEndpointClient,
         cache: TokenCache,
         metrics: GatewayMetrics,
+        trust: EndpointTrust,
     ) -> None:
+        self._trust = trust
         self._store = store
         self._svids = svid_source
         self._oauth = token_client
@@ -93,6 +96,12 @@ class Broker:
     async def intermediate_token(
         self, supervisor_id: str, provider_name: str, credential_name: str
     ) -> IntermediateToken:
+        # Resolved before the store's lock is taken: the first call may fetch the OIDC
+        # issuer's discovery document; afterwards this is a cached value.
+        try:
+            trusted = await self._trust.resolve()
+        except TrustUnavailable as exc:
+            raise identity_unavailable(str(exc)) from None
         async with self._store.read() as tx:
             sandbox = await tx.sandbox_by_spiffe_id(supervisor_id)
             if sandbox is None:
@@ -123,6 +132,16 @@ class Broker:
             if subject is None:
                 raise failed_precondition(
                     f"credential {credential_name!r} names no subject_token credential"
+                )
+            # A profile stored before the trust rule, or before the operator changed the
+            # trusted endpoints, is refused here: before the subject token is decrypted
+            # and before the gateway fetches an SVID to send there.
+            untrusted = trusted.problem(grant)
+            if untrusted is not None:
+                field, message = untrusted
+                raise failed_precondition(
+                    f"credential {credential_name!r} of profile {profile.id!r}: "
+                    f"token_grant.{field}: {message}"
                 )
             try:
                 subject_value, subject_expiry = await tx.credential_value(

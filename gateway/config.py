@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from gateway.trust import normalize_endpoint
 from tokenferry.service import parse_listen
 from tokenferry.svid_verify import parse_spiffe_id
 
@@ -22,6 +24,7 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:9465"
 DEFAULT_DB = "tokenferry-gateway.db"
 DEFAULT_CLI_CLIENT_ID = "tokenferry-cli"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SWITCH_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,8 @@ class Option:
     help: str
     metavar: str | None = None
     repeat: bool = False
+    # A switch: no value on the command line; true/false in its variable.
+    switch: bool = False
 
     @property
     def env(self) -> str:
@@ -83,6 +88,34 @@ OPTIONS: tuple[Option, ...] = (
         f"OAuth client id the CLI logs in with (default {DEFAULT_CLI_CLIENT_ID})",
         "ID",
     ),
+    Option(
+        "--trusted-token-endpoint",
+        "trusted_token_endpoints",
+        "token endpoint profiles may use (repeatable; default: the --oidc-issuer's, "
+        "from its discovery document)",
+        "URL",
+        repeat=True,
+    ),
+    Option(
+        "--trusted-svid-audience",
+        "trusted_svid_audiences",
+        "extra jwt_svid_audience profiles may name (repeatable)",
+        "AUD",
+        repeat=True,
+    ),
+    Option(
+        "--admin-subject",
+        "admin_subjects",
+        "OIDC subject (sub) of an admin user (repeatable)",
+        "SUB",
+        repeat=True,
+    ),
+    Option(
+        "--profiles-admin-only",
+        "profiles_admin_only",
+        "only admins may register profiles (env: true|false)",
+        switch=True,
+    ),
     Option("--log-level", "log_level", "debug|info|warning|error (default info)", "LEVEL"),
 )
 
@@ -106,6 +139,10 @@ class GatewayConfig:
     supervisor_audience: str | None
     cli_client_id: str
     log_level: str
+    trusted_token_endpoints: tuple[str, ...] = ()
+    trusted_svid_audiences: tuple[str, ...] = ()
+    admin_subjects: tuple[str, ...] = ()
+    profiles_admin_only: bool = False
 
     @property
     def dev_mode(self) -> bool:
@@ -114,6 +151,16 @@ class GatewayConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
+        if option.switch:
+            parser.add_argument(
+                option.flag,
+                dest=option.dest,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{option.help} [env {option.env}]",
+            )
+            continue
         parser.add_argument(
             option.flag,
             dest=option.dest,
@@ -149,7 +196,10 @@ def config_from_args(
             continue
         raw = env.get(option.env)
         if raw is not None and raw != "":
-            values[option.dest] = [v for v in raw.split(",") if v] if option.repeat else raw
+            # Commas and/or white space separate the items of a repeatable option.
+            values[option.dest] = (
+                [v for v in re.split(r"[,\s]+", raw) if v] if option.repeat else raw
+            )
             origin[option.dest] = True
         else:
             values[option.dest] = None
@@ -207,6 +257,34 @@ def config_from_args(
         raise ConfigError(
             f"{where('log_level')}: {log_level!r} is not one of {', '.join(LOG_LEVELS)}"
         )
+
+    def items(dest: str) -> list[str]:
+        value = values[dest] or []
+        assert isinstance(value, list)
+        return [v.strip() for v in value]
+
+    trusted_endpoints: list[str] = []
+    for url in items("trusted_token_endpoints"):
+        if normalize_endpoint(url) is None:
+            raise ConfigError(
+                f"{where('trusted_token_endpoints')}: {url!r} is not an http(s) URL "
+                "(without user info or fragment)"
+            )
+        trusted_endpoints.append(url)
+    svid_audiences = items("trusted_svid_audiences")
+    admin_subjects = items("admin_subjects")
+    for dest, found in (
+        ("trusted_svid_audiences", svid_audiences),
+        ("admin_subjects", admin_subjects),
+    ):
+        if any(not v for v in found):
+            raise ConfigError(f"{where(dest)}: an empty value is not allowed")
+    admin_only_raw = (text("profiles_admin_only") or "false").strip().lower()
+    if admin_only_raw not in SWITCH_VALUES:
+        raise ConfigError(
+            f"{where('profiles_admin_only')}: {admin_only_raw!r} is not one of "
+            + ", ".join(SWITCH_VALUES)
+        )
     dev_token = text("dev_admin_token")
     if dev_token is not None and len(dev_token) < 8:
         raise ConfigError(f"{where('dev_admin_token')}: must be at least 8 characters")
@@ -228,4 +306,8 @@ def config_from_args(
         supervisor_audience=text("supervisor_audience"),
         cli_client_id=text("cli_client_id") or DEFAULT_CLI_CLIENT_ID,
         log_level=log_level,
+        trusted_token_endpoints=tuple(dict.fromkeys(trusted_endpoints)),
+        trusted_svid_audiences=tuple(dict.fromkeys(svid_audiences)),
+        admin_subjects=tuple(dict.fromkeys(admin_subjects)),
+        profiles_admin_only=SWITCH_VALUES[admin_only_raw],
     )

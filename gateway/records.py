@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -34,7 +35,10 @@ from gateway.store import (
     StoreError,
     Tx,
 )
+from gateway.trust import TrustedEndpoints
 from tokenferry.profiles import Profile, parse_profile, profile_to_dict
+
+log = logging.getLogger("tokenferry.gateway.records")
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -372,8 +376,15 @@ async def delete_sandbox(store: Store, user: User, name: str) -> None:
 # --- supervisor -------------------------------------------------------------------
 
 
-async def supervisor_config(store: Store, spiffe_id: str) -> tuple[dict[str, Any], str]:
-    """The sandbox's configuration and its ETag (a hash of exactly that content)."""
+async def supervisor_config(
+    store: Store, spiffe_id: str, trusted: TrustedEndpoints | None = None
+) -> tuple[dict[str, Any], str]:
+    """The sandbox's configuration and its ETag (a hash of exactly that content).
+
+    With ``trusted``, a provider whose profile names an untrusted token endpoint (stored
+    before the rule or before the operator changed it) is left out: a supervisor would
+    send its SVID and the intermediate token there.
+    """
     async with store.read() as tx:
         sandbox = await tx.sandbox_by_spiffe_id(spiffe_id)
         if sandbox is None:
@@ -386,12 +397,20 @@ async def supervisor_config(store: Store, spiffe_id: str) -> tuple[dict[str, Any
             profile_row = await tx.profile_get(row.profile_id)
             if profile_row is None:
                 continue
+            profile = profile_from_row(profile_row)
+            if trusted is not None and trusted.profile_problems(profile):
+                log.warning(
+                    "provider left out of a supervisor's configuration: its profile names "
+                    "an untrusted token endpoint",
+                    extra={"provider": row.name, "profile": profile.id, "sandbox": sandbox.name},
+                )
+                continue
             providers.append(
                 {
                     "name": row.name,
                     "revision": row.revision,
                     "profile": profile_row.parsed,
-                    "credentials": credentials_view(profile_from_row(profile_row), row),
+                    "credentials": credentials_view(profile, row),
                 }
             )
     body = {

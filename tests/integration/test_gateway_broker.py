@@ -47,8 +47,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _setup(stack: GatewayStack, alice_token: str) -> None:
-    nowhere = f"http://127.0.0.1:{closed_port()}/realms/dev/protocol/openid-connect/token"
+async def _setup(stack: GatewayStack, alice_token: str, nowhere: str) -> None:
     async with stack.admin() as admin:
         await admin.create_profile(exchange_profile_yaml("nowhere-api", nowhere))
         await admin.create_provider("nowhere", "nowhere-api", {"user_token": alice_token})
@@ -94,10 +93,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
     services: list[Service] = []
     try:
         stack = start_gateway_stack(tmp_path_factory.mktemp("broker"), services)
+        # The IdP-unreachable test needs a token endpoint nothing listens on, and the
+        # gateway sends nothing to an endpoint it does not trust: list both explicitly.
+        nowhere = f"http://127.0.0.1:{closed_port()}/realms/dev/protocol/openid-connect/token"
+        stack.extra_args = (
+            *("--trusted-token-endpoint", stack.token_endpoint),
+            *("--trusted-token-endpoint", nowhere),
+        )
+        stack.restart_gateway()
         stack.sandbox_agent("a")
         stack.sandbox_agent("b")
         stack.notes["alice"] = stack.user_token("alice")
-        asyncio.run(_setup(stack, stack.notes["alice"]))
+        asyncio.run(_setup(stack, stack.notes["alice"], nowhere))
         yield stack
     finally:
         for service in reversed(services):
