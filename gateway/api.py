@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -86,16 +87,69 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if not raw:
         raise invalid_request("request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         raise invalid_request("request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise invalid_request(
             f"request body is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
+    except _NotJson as exc:
+        raise invalid_request(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # The decoder recurses per nesting level; a body of brackets must not be a 500.
+        raise invalid_request("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise invalid_request("request body must be a JSON object")
+    where = _lone_surrogate_path(data)
+    if where is not None:
+        # "\ud800" is a valid JSON escape but no text: it cannot be stored or logged.
+        raise invalid_request(
+            f"field {where!r} holds a lone UTF-16 surrogate escape, which is not text",
+            field=where,
+        )
     return data
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> object:
+    # Python's decoder accepts NaN and Infinity; JSON (RFC 8259) does not.
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _lone_surrogate_path(data: object) -> str | None:
+    """The dotted path of the first string (key or value) that cannot be UTF-8 encoded."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "(body)"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "(body)"
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def reject_unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    """A misspelt optional field would otherwise be silently ignored."""
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise invalid_request(
+            f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})", field=unknown[0]
+        )
 
 
 def _type(value: object) -> str:
@@ -138,7 +192,26 @@ def parse_expiry(value: object, field: str) -> float | None:
             f"field {field!r}: {value[:60]!r} has no time zone (add 'Z' or an offset)",
             field=field,
         )
-    return moment.timestamp()
+    epoch = moment.timestamp()
+    if not representable(epoch):
+        raise invalid_request(
+            f"field {field!r}: {value[:60]!r} is outside the years 1-9999 in UTC", field=field
+        )
+    return epoch
+
+
+def representable(epoch: float) -> bool:
+    """Whether an expiry can be shown back as an ISO 8601 UTC date-time (year 1-9999).
+
+    Stored, an expiry that cannot be would make every read of its provider fail.
+    """
+    if not math.isfinite(epoch):
+        return False
+    try:
+        datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, OSError, ValueError):
+        return False
+    return True
 
 
 def parse_credential(value: object, field: str, *, allow_null: bool) -> CredentialWrite | None:
@@ -178,6 +251,12 @@ def parse_credential(value: object, field: str, *, allow_null: bool) -> Credenti
             exp = claims.get("exp") if claims else None
             if isinstance(exp, int | float) and not isinstance(exp, bool):
                 expires_at = float(exp)
+                if not representable(expires_at):
+                    raise invalid_request(
+                        f"field {secret_field!r}: the value is a JWT whose 'exp' claim is not "
+                        "a usable time; give 'expires_at' explicitly",
+                        field=secret_field,
+                    )
     return CredentialWrite(secret, expires_at)
 
 
@@ -274,6 +353,7 @@ def _profile_problems(exc: ProfileError, fallback_field: str) -> ApiError:
 
 def parse_profile_body(body: Mapping[str, Any]) -> tuple[Profile, tuple[Problem, ...], str]:
     """``{"source": "<YAML or JSON text>"}`` or ``{"profile": {...}}``."""
+    reject_unknown_fields(body, ("source", "profile"))
     if "source" in body:
         source = required_text(body, "source")
         try:
@@ -351,6 +431,7 @@ async def delete_profile(request: web.Request) -> web.Response:
 async def create_provider(request: web.Request) -> web.Response:
     user = await user_of(request)
     body = await json_body(request)
+    reject_unknown_fields(body, ("name", "profile", "credentials", "owner"))
     name = required_text(body, "name")
     profile_id = required_text(body, "profile")
     credentials = parse_credentials(body, allow_null=False)
@@ -412,6 +493,7 @@ async def delete_provider(request: web.Request) -> web.Response:
 async def put_sandbox(request: web.Request) -> web.Response:
     user = await user_of(request)
     body = await json_body(request)
+    reject_unknown_fields(body, ("spiffe_id", "providers"))
     spiffe_id = parse_spiffe(
         required_text(body, "spiffe_id"), "spiffe_id", request.app[TRUST_DOMAINS]
     )
