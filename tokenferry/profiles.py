@@ -1051,7 +1051,12 @@ def _decode(text: str, source: str) -> object:
 
 def load_profile_text(text: str, source: str) -> tuple[Profile, tuple[Problem, ...]]:
     """Parse YAML or JSON text and validate it; see :func:`parse_profile`."""
-    return parse_profile(_decode(text, source), source)
+    try:
+        data = _decode(text, source)
+    except RecursionError:
+        # Both parsers recurse per nesting level: a file of brackets is a user error.
+        raise ProfileError([Problem(source, "", "nested too deeply to be a profile")]) from None
+    return parse_profile(data, source)
 
 
 def load_profile_file(path: str | Path) -> tuple[Profile, tuple[Problem, ...]]:
