@@ -187,16 +187,21 @@ async def serve(
     loop = asyncio.get_running_loop()
 
     try:
-        db_path = parse_database_option(config.db)
+        database = parse_database_option(config.db)
+        # Dev mode keeps a generated key next to a SQLite file. Replicas on PostgreSQL
+        # must all hold the same key, so there it is always given explicitly.
+        dev_key_path = (
+            Path(database.location + ".key")
+            if config.dev_mode and database.kind == "sqlite"
+            else None
+        )
         keyring, key_origin = load_keyring(
-            key_file=config.key_file,
-            key_env=config.key_env,
-            dev_key_path=Path(db_path + ".key") if config.dev_mode else None,
+            key_file=config.key_file, key_env=config.key_env, dev_key_path=dev_key_path
         )
     except (DatabaseError, KeyConfigError) as exc:
         raise StartupError(str(exc)) from None
     try:
-        store = await Store.open(db_path, keyring)
+        store = await Store.open(database, keyring)
     except DatabaseError as exc:
         raise StartupError(str(exc)) from None
 
@@ -241,7 +246,7 @@ async def serve(
                 "spiffe_id": identity.spiffe_id,
                 "supervisor_audience": settings.supervisor_audience,
                 "trust_domains": sorted(settings.trust_domains),
-                "database": db_path,
+                "database": database.display,
                 "key": key_origin,
                 "dev_mode": config.dev_mode,
                 "trusted_token_endpoints": list(config.trusted_token_endpoints)

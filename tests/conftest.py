@@ -7,6 +7,9 @@ import pytest
 
 from tests.support.procs import Service
 
+# The throwaway PostgreSQL server fixtures (postgres_cluster, postgres_url).
+pytest_plugins = ("tests.support.postgres",)
+
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[list[Service]]:

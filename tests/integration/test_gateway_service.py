@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket as socket_module
 import stat
 import subprocess
 from pathlib import Path
@@ -102,9 +103,20 @@ def config_for(*args: str) -> GatewayConfig:
 async def test_startup_refusals(tmp_path: Path) -> None:
     socket = ["--spiffe-socket", str(tmp_path / "none.sock")]
     db = ["--db", str(tmp_path / "g.db")]
-    # PostgreSQL is accepted as a flag but not supported by this build.
-    with pytest.raises(StartupError, match="PostgreSQL is not supported in this build"):
-        await serve(config_for(*socket, *BASE, "--db", "postgresql://db/tokenferry"))
+    good_key = tmp_path / "good.key"
+    good_key.write_text("C" * 43 + "\n")
+    # PostgreSQL: dev mode creates no key (replicas must share one); an unreachable
+    # server is reported with the URL's password redacted.
+    with socket_module.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    pg = ["--db", f"postgresql://gw:hunter2-secret@127.0.0.1:{closed_port}/tokenferry"]
+    with pytest.raises(StartupError, match="no encryption key"):
+        await serve(config_for(*socket, *BASE, *pg, "--dev-admin-token", ADMIN_TOKEN))
+    with pytest.raises(StartupError, match="cannot connect to PostgreSQL") as caught:
+        await serve(config_for(*socket, *BASE, *pg, "--key-file", str(good_key)))
+    assert f"postgresql://gw:***@127.0.0.1:{closed_port}/tokenferry" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
     # Outside dev mode, no key means no start.
     with pytest.raises(StartupError, match="no encryption key"):
         await serve(config_for(*socket, *BASE, *db))

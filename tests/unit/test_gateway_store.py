@@ -1,136 +1,64 @@
+"""``--db`` parsing and what the gateway shows of a database URL.
+
+The store itself is tested on both backends in
+``tests/integration/test_gateway_store_backends.py`` (SQLite and a real PostgreSQL).
+"""
+
 from __future__ import annotations
 
-import sqlite3
+import socket
 from pathlib import Path
 
 import pytest
 
 from gateway.crypto import Keyring
-from gateway.store import (
-    SCHEMA_VERSION,
-    CredentialWrite,
-    DatabaseError,
-    Duplicate,
-    InUse,
-    Missing,
-    Store,
-    parse_database_option,
-)
-
-PROFILE = {"id": "orders-api", "credentials": [], "endpoints": []}
+from gateway.store import Database, DatabaseError, Store, parse_database_option, redact_url
 
 
-def ring(seed: int = 1, *older: int) -> Keyring:
-    return Keyring([bytes([seed]) * 32, *(bytes([o]) * 32 for o in older)])
-
-
-async def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
-    path = str(tmp_path / "g.db")
-    store = await Store.open(path, ring())
-    assert await store.schema_version() == SCHEMA_VERSION
-    await store.close()
-    store = await Store.open(path, ring())
-    assert await store.schema_version() == SCHEMA_VERSION
-    await store.close()
-    with sqlite3.connect(path) as conn:
-        versions = [row[0] for row in conn.execute("SELECT version FROM schema_version")]
-    assert versions == list(range(1, SCHEMA_VERSION + 1))
-
-
-async def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = str(tmp_path / "g.db")
-    store = await Store.open(path, ring())
-    await store.close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("INSERT INTO schema_version VALUES (999, 'future')")
-    with pytest.raises(DatabaseError, match="newer than this build"):
-        await Store.open(path, ring())
-
-
-async def test_failed_transaction_writes_nothing(tmp_path: Path) -> None:
-    store = await Store.open(str(tmp_path / "g.db"), ring())
-    async with store.transaction() as tx:
-        await tx.profile_insert("orders-api", "src", PROFILE)
-    with pytest.raises(RuntimeError):
-        async with store.transaction() as tx:
-            await tx.provider_insert("p", "orders-api", "alice")
-            await tx.credential_put("p", "user_token", CredentialWrite("secret", None))
-            raise RuntimeError("found a problem late")
-    async with store.read() as tx:
-        assert await tx.provider_get("p") is None
-        assert await tx.credential_value("p", "user_token") == (None, None)
-    await store.close()
-
-
-async def test_records_constraints_and_values(tmp_path: Path) -> None:
-    store = await Store.open(str(tmp_path / "g.db"), ring())
-    async with store.transaction() as tx:
-        await tx.profile_insert("orders-api", "src", PROFILE)
-        await tx.provider_insert("p", "orders-api", "alice")
-        await tx.credential_put("p", "user_token", CredentialWrite("secret", 123.0))
-        await tx.credential_put("p", "other", CredentialWrite(None, None))
-        assert await tx.provider_update("p") == 2
-        await tx.sandbox_put("s", "spiffe://example.org/sandbox/s", "alice")
-        await tx.sandbox_attach("s", "p")
-    with pytest.raises(Duplicate):
-        async with store.transaction() as tx:
-            await tx.provider_insert("p", "orders-api", "bob")
-    with pytest.raises(Missing, match="profile 'nope'"):
-        async with store.transaction() as tx:
-            await tx.provider_insert("q", "nope", "bob")
-    with pytest.raises(Duplicate, match="already registered"):
-        async with store.transaction() as tx:
-            await tx.sandbox_put("t", "spiffe://example.org/sandbox/s", "bob")
-    with pytest.raises(InUse):
-        async with store.transaction() as tx:
-            await tx.profile_delete("orders-api")
-    async with store.read() as tx:
-        provider = await tx.provider_get("p")
-        assert provider is not None and provider.revision == 2
-        assert [(c.name, c.has_value) for c in provider.credentials] == [
-            ("other", False),
-            ("user_token", True),
-        ]
-        assert await tx.credential_value("p", "user_token") == ("secret", 123.0)
-        sandbox = await tx.sandbox_by_spiffe_id("spiffe://example.org/sandbox/s")
-        assert sandbox is not None and sandbox.providers == ("p",)
-    # Deleting the provider detaches it from sandboxes and removes its credentials.
-    async with store.transaction() as tx:
-        await tx.provider_delete("p")
-    async with store.read() as tx:
-        sandbox = await tx.sandbox_get("s")
-        assert sandbox is not None and sandbox.providers == ()
-        assert await tx.credential_value("p", "user_token") == (None, None)
-    await store.close()
-
-
-async def test_wrong_key_is_refused_and_rotation_reseals(tmp_path: Path) -> None:
-    path = str(tmp_path / "g.db")
-    store = await Store.open(path, ring(1))
-    async with store.transaction() as tx:
-        await tx.profile_insert("orders-api", "src", PROFILE)
-        await tx.provider_insert("p", "orders-api", "alice")
-        await tx.credential_put("p", "user_token", CredentialWrite("secret", None))
-    await store.close()
-    with pytest.raises(DatabaseError, match="does not match"):
-        await Store.open(path, ring(2))
-    # New key first, old key second: opens, and every value is re-sealed with the new key.
-    store = await Store.open(path, ring(2, 1))
-    await store.close()
-    store = await Store.open(path, ring(2))
-    async with store.read() as tx:
-        assert await tx.credential_value("p", "user_token") == ("secret", None)
-    await store.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("g.db"))
-    assert b"secret" not in raw
-
-
-def test_parse_database_option(tmp_path: Path) -> None:
-    assert parse_database_option(str(tmp_path / "a.db")) == str(tmp_path / "a.db")
-    assert parse_database_option(f"sqlite:///{tmp_path}/a.db") == f"{tmp_path}/a.db"
-    with pytest.raises(DatabaseError, match="not supported in this build"):
-        parse_database_option("postgresql://u@h/db")
-    with pytest.raises(DatabaseError, match="unknown database URL scheme"):
+def test_parse_database_option_sqlite(tmp_path: Path) -> None:
+    assert parse_database_option(str(tmp_path / "a.db")) == Database.sqlite(str(tmp_path / "a.db"))
+    assert parse_database_option(f"sqlite:///{tmp_path}/a.db").location == f"{tmp_path}/a.db"
+    with pytest.raises(DatabaseError, match="unknown database URL scheme 'mysql'"):
         parse_database_option("mysql://h/db")
     with pytest.raises(DatabaseError, match="does not exist"):
         parse_database_option(str(tmp_path / "missing-dir" / "a.db"))
+    with pytest.raises(DatabaseError, match="empty path"):
+        parse_database_option("sqlite:///")
+
+
+def test_parse_database_option_postgresql() -> None:
+    for url in ("postgresql://u@h/db", "postgres://u@h:5433/db", "postgresql:///db?host=/run"):
+        database = parse_database_option(url)
+        assert database.kind == "postgresql" and database.location == url
+    with pytest.raises(DatabaseError, match="plain postgresql:// URL"):
+        parse_database_option("postgresql+asyncpg://u@h/db")
+    with pytest.raises(DatabaseError, match="invalid port") as caught:
+        parse_database_option("postgresql://u:pw-in-url@h:notaport/db")
+    assert "pw-in-url" not in str(caught.value)
+
+
+def test_passwords_never_shown() -> None:
+    url = "postgresql://gw:s3cr%40t@db.example:5432/tokenferry?sslmode=require&password=p2"
+    database = parse_database_option(url)
+    assert database.display == (
+        "postgresql://gw:***@db.example:5432/tokenferry?sslmode=require&password=***"
+    )
+    assert "s3cr" not in repr(database) and "p2" not in repr(database)
+    # Driver messages that echo the password, raw or decoded, are scrubbed.
+    assert database.scrub("failed for s3cr%40t and s3cr@t and p2") == (
+        "failed for *** and *** and ***"
+    )
+    assert redact_url("postgresql://gw@h/db") == "postgresql://gw@h/db"
+    assert redact_url("postgresql://[::1/db") == "postgresql://(unparseable URL)"
+    assert Database.sqlite("/x/g.db").display == "/x/g.db"
+
+
+async def test_unreachable_server_is_reported_without_the_password() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = parse_database_option(f"postgresql://gw:hunter2@127.0.0.1:{port}/db")
+    with pytest.raises(DatabaseError, match="cannot connect to PostgreSQL") as caught:
+        await Store.open(database, Keyring([b"\x01" * 32]))
+    assert f"gw:***@127.0.0.1:{port}" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
