@@ -3,7 +3,8 @@
 ``start_gateway_stack(tmp, services)`` starts:
 - the gateway's dev SPIFFE agent (``spiffe://example.org/gateway``, JWKS over HTTP),
 - the dev IdP trusting that JWKS,
-- the gateway itself (SQLite in ``tmp``, dev mode with a static admin token).
+- the gateway itself (SQLite in ``tmp``, or the ``database`` URL given; dev mode with a
+  static admin token).
 Sandbox identities are more dev SPIFFE agents sharing the same ``--key-file``, hence the
 same trust domain bundle (``stack.sandbox_agent(...)``).
 
@@ -95,6 +96,8 @@ class GatewayStack:
     gateway: Service
     db_path: Path
     extra_args: tuple[str, ...] = ()
+    # What --db says: the SQLite file ``db_path``, or a PostgreSQL URL.
+    database: str = ""
     agents: dict[str, Service] = field(default_factory=dict)
     # Values a test module's set-up wants to hand to its tests (e.g. a user token).
     notes: dict[str, str] = field(default_factory=dict)
@@ -127,7 +130,7 @@ class GatewayStack:
 
     # --- processes ----------------------------------------------------------------
 
-    def gateway_args(self, db_path: Path, *extra: str) -> list[str]:
+    def gateway_args(self, db_path: Path | str, *extra: str) -> list[str]:
         return [
             "gateway",
             "--listen",
@@ -148,14 +151,14 @@ class GatewayStack:
             *extra,
         ]
 
-    def start_gateway(self, db_path: Path, name: str = "gateway", *extra: str) -> Service:
+    def start_gateway(self, db_path: Path | str, name: str = "gateway", *extra: str) -> Service:
         service = start_service(name, self.gateway_args(db_path, *extra), self.tmp / "logs")
         self.services.append(service)
         return service
 
     def restart_gateway(self) -> None:
         self.gateway.stop()
-        self.gateway = self.start_gateway(self.db_path, "gateway-restarted")
+        self.gateway = self.start_gateway(self.database or self.db_path, "gateway-restarted")
 
     def sandbox_agent(self, name: str, spiffe_id: str | None = None) -> Service:
         """A dev SPIFFE agent serving ``spiffe_id`` (default: the sandbox ID of ``name``)."""
@@ -279,6 +282,7 @@ def start_gateway_stack(
     *,
     extra_gateway_args: tuple[str, ...] = (),
     extra_idp_args: tuple[str, ...] = (),
+    database: str | None = None,
 ) -> GatewayStack:
     tmp.mkdir(parents=True, exist_ok=True)
     key_file = tmp / "trust-domain.pem"
@@ -326,6 +330,7 @@ def start_gateway_stack(
         gateway=spiffe,  # replaced just below
         db_path=db_path,
         extra_args=extra_gateway_args,
+        database=database or str(db_path),
     )
-    stack.gateway = stack.start_gateway(db_path)
+    stack.gateway = stack.start_gateway(stack.database)
     return stack
