@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PACKAGES := tokenferry proxy addons gateway gateway_client
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean postgres-server
 
 setup: $(STAMP)
 
@@ -25,8 +25,14 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy $(PACKAGES)
 	$(VENV)/bin/hadolint --failure-threshold style Dockerfile
 
-test: lint
+test: lint postgres-server
 	$(VENV)/bin/pytest
+
+# The gateway's PostgreSQL tests start a throwaway server from the distribution's
+# binaries (tests/support/postgres.py); as root, install them when they are missing.
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	  || echo "note: PostgreSQL server binaries missing (apt-get install postgresql); the PostgreSQL tests will fail"
 
 demo: $(STAMP)
 	$(VENV)/bin/tokenferry demo
