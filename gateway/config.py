@@ -50,7 +50,12 @@ class Option:
 # follow it.
 OPTIONS: tuple[Option, ...] = (
     Option("--listen", "listen", f"HOST:PORT of the API (default {DEFAULT_LISTEN})", "HOST:PORT"),
-    Option("--db", "db", f"SQLite path or sqlite:/// URL (default {DEFAULT_DB})", "PATH|URL"),
+    Option(
+        "--db",
+        "db",
+        f"SQLite path or sqlite:/// URL, or a postgresql:// URL (default {DEFAULT_DB})",
+        "PATH|URL",
+    ),
     Option("--spiffe-socket", "spiffe_socket", "SPIFFE Workload API socket", "PATH"),
     Option("--svid-dir", "svid_dir", "directory of JWT-SVID files (with --bundle-file)", "DIR"),
     Option("--bundle-file", "bundle_file", "JWKS file with the trust domain's JWT bundle", "FILE"),
