@@ -121,7 +121,13 @@ class Inject:
             request.stream = True
             return
         assert decision is not None
-        if host_header_mismatch(request.host_header, request.host, request.port):
+        if host_header_mismatch(request.host_header, request.host, request.port) or (
+            # An absolute-form request line inside a CONNECT tunnel names a host too, and
+            # the upstream must prefer it to Host (RFC 9112 §3.2.2): a token minted for
+            # the destination would serve another virtual host.
+            request.authority
+            and host_header_mismatch(request.authority, request.host, request.port)
+        ):
             decision["outcome"] = "misdirected"
             _respond(
                 flow,
@@ -130,8 +136,8 @@ class Inject:
                     "misdirected_request",
                     route.provider,
                     route.credential,
-                    f"the Host header does not name the destination {request.host}:"
-                    f"{request.port}; no credential was injected",
+                    "the Host header or request target does not name the destination "
+                    f"{request.host}:{request.port}; no credential was injected",
                 ),
             )
             return

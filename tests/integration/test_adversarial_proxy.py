@@ -1,0 +1,325 @@
+"""The supervisor proxy against a hostile sandbox speaking raw HTTP: odd Host headers,
+absolute-form URLs whose authority differs from the destination, several Host or
+Authorization headers, header names in odd case, a huge header, plain HTTP to a
+terminate route, HTTP/2. A token may only ever reach a routed destination, for the
+virtual host it was minted for (SPEC §3, §9).
+
+Two header-capturing servers stand in for upstreams: ``tls`` (a terminate route for both
+``127.0.0.1`` and ``localhost``) and ``plain`` (a ``tls: none`` route for ``127.0.0.1``
+only); ``outside`` has no route at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.stack import CaptureServer, Stack
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Env:
+    stack: Stack
+    proxy_port: int
+    ca_file: str
+    tls: CaptureServer
+    plain: CaptureServer
+    outside: CaptureServer
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root: Path = tmp_path_factory.mktemp("adversarial-proxy")
+    stack = Stack.start(root, upstreams={"orders": ("orders", ["orders.read"])})
+    try:
+        tls, plain, outside = stack.capture(tls=True), stack.capture(), stack.capture()
+        stack.write_profile(
+            {
+                "id": "capture-api",
+                "credentials": [
+                    {
+                        "name": "access_token",
+                        "token_grant": {
+                            "grant_type": "client_credentials",
+                            "token_endpoint": stack.token_endpoint,
+                            "audience": "orders",
+                        },
+                    }
+                ],
+                "endpoints": [
+                    {"host": "127.0.0.1", "port": tls.port, "tls": "terminate"},
+                    {"host": "localhost", "port": tls.port, "tls": "terminate"},
+                    {"host": "127.0.0.1", "port": plain.port, "tls": "none"},
+                ],
+            }
+        )
+        stack.write_providers([{"name": "capture", "profile": "capture-api"}])
+        proxy = stack.start_proxy()
+        port = int(str(proxy.ready["proxy_url"]).rsplit(":", 1)[1])
+        yield Env(stack, port, str(proxy.ready["ca_file"]), tls, plain, outside)
+    finally:
+        stack.stop()
+
+
+def _read_response(sock: socket.socket | ssl.SSLSocket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with Content-Length (or close)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head:
+        return 0, b""
+    status = int(head.split(b" ", 2)[1])
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while length is not None and len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, body
+
+
+def tunnel(
+    env: Env, connect_to: str, request: bytes, *, sni: str | None = None
+) -> tuple[int, bytes]:
+    """CONNECT to ``connect_to`` through the proxy, TLS inside, send ``request`` raw."""
+    with socket.create_connection(("127.0.0.1", env.proxy_port), timeout=20) as raw:
+        raw.sendall(f"CONNECT {connect_to} HTTP/1.1\r\nHost: {connect_to}\r\n\r\n".encode())
+        status, _ = _read_response(raw)
+        assert status == 200, status
+        host = sni or connect_to.rsplit(":", 1)[0].strip("[]")
+        with env.context().wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(request)
+            return _read_response(tls)
+
+
+def plain(env: Env, request: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", env.proxy_port), timeout=20) as raw:
+        raw.sendall(request)
+        return _read_response(raw)
+
+
+def _new(server: CaptureServer, before: int) -> list[list[str]]:
+    """The Authorization values of each request ``server`` got since ``before``."""
+    return [r.values("Authorization") for r in server.requests[before:]]
+
+
+def _injected(values: list[str]) -> bool:
+    return any(v.startswith("Bearer eyJ") for v in values)
+
+
+# --- the baseline: the routes work -------------------------------------------------------------
+
+
+def test_routed_requests_get_exactly_one_token(env: Env) -> None:
+    before = len(env.tls.requests)
+    port = env.tls.port
+    status, body = tunnel(
+        env,
+        f"127.0.0.1:{port}",
+        f"GET /a HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert status == 200, body
+    seen = _new(env.tls, before)
+    assert len(seen) == 1 and len(seen[0]) == 1 and _injected(seen[0]), seen
+
+
+# --- Host header games inside a CONNECT tunnel ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host_header", "expected"),
+    [
+        ("127.0.0.1", 200),  # no port: names the destination host
+        ("127.0.0.1:{port}", 200),
+        ("LOCALHOST:{port}", 421),  # another routed host, in upper case
+        ("localhost.:{port}", 421),
+        ("[::1]:{port}", 421),
+        ("127.0.0.1:1", 421),  # same host, another port
+        ("evil.example:{port}", 421),
+        ("127.0.0.1:{port}@evil.example", 421),
+        ("", 200),  # an empty Host names nothing
+    ],
+)
+def test_host_header_must_name_the_connect_target(
+    env: Env, host_header: str, expected: int
+) -> None:
+    port = env.tls.port
+    before = len(env.tls.requests)
+    request = (
+        f"GET /h HTTP/1.1\r\nHost: {host_header.format(port=port)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, body = tunnel(env, f"127.0.0.1:{port}", request)
+    assert status == expected, body
+    if expected == 421:
+        answer = json.loads(body)
+        assert answer["error"] == "misdirected_request"
+        assert _new(env.tls, before) == []  # nothing forwarded
+    else:
+        assert all(_injected(v) for v in _new(env.tls, before))
+
+
+def test_two_host_headers_are_refused_without_a_token(env: Env) -> None:
+    port = env.tls.port
+    before = len(env.tls.requests)
+    request = (
+        f"GET /h HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    status, _body = tunnel(env, f"127.0.0.1:{port}", request)
+    assert status in (400, 421)
+    assert _new(env.tls, before) == []
+
+
+def test_absolute_form_inside_a_tunnel_cannot_name_another_host(env: Env) -> None:
+    """Inside a tunnel to A, ``GET https://B/...``: an upstream must honour the
+    absolute-form authority over Host (RFC 9112 §3.2.2), so a token for A would be used
+    for virtual host B. It was forwarded, with the token, until the proxy checked it."""
+    port = env.tls.port
+    before = len(env.tls.requests)
+    request = (
+        f"GET https://evil.example:{port}/abs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    status, body = tunnel(env, f"127.0.0.1:{port}", request)
+    assert status == 421, body
+    assert json.loads(body)["error"] == "misdirected_request"
+    assert _new(env.tls, before) == []
+
+
+def test_absolute_form_inside_a_tunnel_naming_the_target_is_served(env: Env) -> None:
+    port = env.tls.port
+    before = len(env.tls.requests)
+    request = (
+        f"GET https://127.0.0.1:{port}/abs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    status, body = tunnel(env, f"127.0.0.1:{port}", request)
+    assert status == 200, body
+    [values] = _new(env.tls, before)
+    assert len(values) == 1 and _injected(values), values
+
+
+# --- plain HTTP (absolute-form through the proxy) -------------------------------------------------
+
+
+def test_plain_http_absolute_form_authority_decides_not_host(env: Env) -> None:
+    # Destination: the unrouted server; the Host header names the routed one.
+    before_outside = len(env.outside.requests)
+    request = (
+        f"GET http://localhost:{env.outside.port}/x HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{env.plain.port}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    plain(env, request)
+    assert not any(_injected(v) for v in _new(env.outside, before_outside))
+
+    # Destination: the routed one (tls: none), Host naming another host: 421.
+    before_plain = len(env.plain.requests)
+    request = (
+        f"GET http://127.0.0.1:{env.plain.port}/x HTTP/1.1\r\n"
+        f"Host: localhost:{env.plain.port}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, _ = plain(env, request)
+    assert status == 421
+    assert _new(env.plain, before_plain) == []
+
+
+def test_plain_http_to_a_terminate_route_gets_no_token(env: Env) -> None:
+    # The TLS capture server will not understand plain HTTP, so whatever comes back, it
+    # must not have been sent a token: count tokens the proxy logged as injected instead.
+    request = (
+        f"GET http://127.0.0.1:{env.tls.port}/p HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{env.tls.port}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    before = env.stack.log_text().count('"outcome": "injected"')
+    plain(env, request)
+    assert env.stack.log_text().count('"outcome": "injected"') == before
+
+
+def test_userinfo_in_absolute_form_does_not_change_the_destination(env: Env) -> None:
+    before_outside = len(env.outside.requests)
+    request = (
+        f"GET http://127.0.0.1:{env.plain.port}@127.0.0.1:{env.outside.port}/u HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{env.outside.port}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    plain(env, request)
+    assert not any(_injected(v) for v in _new(env.outside, before_outside))
+
+
+# --- header hygiene ---------------------------------------------------------------------------
+
+
+def test_sandbox_authorization_in_any_case_and_number_is_replaced(env: Env) -> None:
+    port = env.tls.port
+    before = len(env.tls.requests)
+    request = (
+        f"GET /auth HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "authorization: Bearer sandbox-one\r\nAUTHORIZATION: Basic c2FuZGJveA==\r\n"
+        "AuThOrIzAtIoN: Bearer sandbox-three\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, body = tunnel(env, f"127.0.0.1:{port}", request)
+    assert status == 200, body
+    [values] = _new(env.tls, before)
+    assert len(values) == 1 and _injected(values), values
+
+
+def test_huge_header_is_refused_cleanly_and_the_proxy_keeps_working(env: Env) -> None:
+    port = env.tls.port
+    request = (
+        f"GET /big HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Big: {'a' * 300_000}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    status = 0  # refusing by closing the connection is fine too
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        status, _body = tunnel(env, f"127.0.0.1:{port}", request)
+    assert status != 500, status  # the upstream may refuse it (mitmproxy then says 502)
+    test_routed_requests_get_exactly_one_token(env)
+    assert "Traceback" not in env.stack.log_text()
+
+
+def test_http2_client_gets_exactly_one_token(env: Env) -> None:
+    before = len(env.tls.requests)
+    with httpx.Client(
+        proxy=f"http://127.0.0.1:{env.proxy_port}",
+        verify=env.context(),
+        http2=True,
+        trust_env=False,
+        timeout=20,
+    ) as client:
+        response = client.get(
+            f"https://127.0.0.1:{env.tls.port}/h2",
+            headers=[("authorization", "Bearer sandbox"), ("Authorization", "Bearer again")],
+        )
+    assert response.status_code == 200, response.text
+    [values] = _new(env.tls, before)
+    assert len(values) == 1 and _injected(values), values
+
+
+def test_no_token_reached_an_unrouted_server_or_the_logs(env: Env) -> None:
+    assert not any(_injected(r.values("Authorization")) for r in env.outside.requests)
+    tokens = env.stack.tokens_seen()
+    assert tokens
+    logs = env.stack.log_text()
+    for token in tokens:
+        assert token not in logs
+    assert "Traceback" not in logs
