@@ -826,13 +826,23 @@ class Store:
                 )
 
     async def _check_key(self) -> None:
-        """Refuse a key that does not match the database; re-seal values under old keys."""
+        """Refuse a key that does not match the database; re-seal values under old keys.
+
+        The re-sealing runs at every start, not only when the current key changed: with
+        several replicas, one still running with the old key first may have sealed new
+        values with it after another replica's rotation.
+        """
         async with self._backend.exclusive() as db:
-            row = await db.fetch_one(
+            tx = Tx(db, self._keyring)
+            row = await tx._one(
                 "SELECT key_id, nonce, ciphertext FROM meta WHERE name = 'key_check'"
             )
-            if row is not None:
-                sealed = SealedValue(row["key_id"], bytes(row["nonce"]), bytes(row["ciphertext"]))
+            sealed = (
+                SealedValue(row["key_id"], bytes(row["nonce"]), bytes(row["ciphertext"]))
+                if row is not None
+                else None
+            )
+            if sealed is not None:
                 try:
                     self._keyring.open(sealed, _KEY_CHECK_AD)
                 except DecryptionError as exc:
@@ -840,23 +850,30 @@ class Store:
                         f"the encryption key does not match database {self.database.display} "
                         "(values were sealed with another key)"
                     ) from exc
-                if sealed.key_id == self._keyring.current_id:
-                    return
-            tx = Tx(db, self._keyring)
-            await tx._exec("DELETE FROM meta WHERE name = 'key_check'")
-            check = self._keyring.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_AD)
-            await tx._exec(
-                "INSERT INTO meta (name, key_id, nonce, ciphertext) VALUES ('key_check', ?, ?, ?)",
-                (check.key_id, check.nonce, check.ciphertext),
-            )
+            if sealed is None or sealed.key_id != self._keyring.current_id:
+                await tx._exec("DELETE FROM meta WHERE name = 'key_check'")
+                check = self._keyring.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_AD)
+                await tx._exec(
+                    "INSERT INTO meta (name, key_id, nonce, ciphertext)"
+                    " VALUES ('key_check', ?, ?, ?)",
+                    (check.key_id, check.nonce, check.ciphertext),
+                )
             # Rotation: every value sealed with an older key is re-sealed with the current one.
             stale = await tx._all(
-                "SELECT provider, name FROM provider_credentials"
+                "SELECT provider, name, key_id FROM provider_credentials"
                 " WHERE ciphertext IS NOT NULL AND key_id != ?",
                 (self._keyring.current_id,),
             )
             for item in stale:
-                value, expires_at = await tx.credential_value(item["provider"], item["name"])
+                try:
+                    value, expires_at = await tx.credential_value(item["provider"], item["name"])
+                except DecryptionError:
+                    raise DatabaseError(
+                        f"database {self.database.display}: credential {item['name']!r} of "
+                        f"provider {item['provider']!r} is sealed with key {item['key_id']}, "
+                        "which is not among the configured keys; add that key as a further "
+                        "line of the key file"
+                    ) from None
                 await tx.credential_put(
                     item["provider"], item["name"], CredentialWrite(value, expires_at)
                 )

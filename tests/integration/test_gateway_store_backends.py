@@ -325,3 +325,29 @@ async def test_two_replicas_racing_for_one_name_get_duplicate(database: Database
         assert row is not None and row.owner == "alice"
     for store in replicas:
         await store.close()
+
+
+async def test_rotation_while_another_replica_still_writes_with_the_old_key(
+    database: Database,
+) -> None:
+    old_replica = await Store.open(database, ring(1))
+    async with old_replica.transaction() as tx:
+        await tx.profile_insert("orders-api", "src", PROFILE)
+        await tx.provider_insert("p", "orders-api", "alice")
+    # Another replica restarts with the new key first: it re-seals what exists...
+    rotated = await Store.open(database, ring(2, 1))
+    await rotated.close()
+    # ...while the replica not yet restarted still seals with the old key.
+    async with old_replica.transaction() as tx:
+        await tx.credential_put("p", "user_token", CredentialWrite(SECRET, None))
+    await old_replica.close()
+    # Dropping the old key now would strand that value: refused, naming the remedy.
+    with pytest.raises(DatabaseError, match="not among the configured keys"):
+        await Store.open(database, ring(2))
+    # One more start with both keys re-seals it; then the new key alone suffices.
+    store = await Store.open(database, ring(2, 1))
+    await store.close()
+    store = await Store.open(database, ring(2))
+    async with store.read() as tx:
+        assert await tx.credential_value("p", "user_token") == (SECRET, None)
+    await store.close()
