@@ -160,8 +160,14 @@ class StoredLogin:
 
 def normalise_gateway(url: str) -> str:
     """The gateway URL as a store key: scheme and host lower-cased, no trailing slash."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url.strip())
+        # .hostname and .port validate bracketed IPv6 literals and the port range.
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port
+    except ValueError as exc:
+        raise LoginError(f"gateway URL {url[:200]!r} is not a valid URL ({exc})") from None
+    if not valid:
         raise LoginError(f"gateway URL {url[:200]!r} is not an http:// or https:// URL")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise LoginError(
