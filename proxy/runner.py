@@ -108,6 +108,22 @@ class _Ready:
         )
 
 
+class TokenferryAddons:
+    """tokenferry's addons as one entry of mitmproxy's addon chain, in hook order.
+
+    mitmproxy dispatches every event (four per request, each followed by an ``update``
+    event) to every entry of its chain, paying a context manager and a coroutine per
+    entry whether or not the entry has a hook for it. Children listed in ``addons`` are
+    visited inside their parent's dispatch, so three addons cost one entry instead of
+    three (measured: about 10 us per event on the bench machine).
+    """
+
+    name = "tokenferry"
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.addons = [Passthrough(supervisor), Inject(supervisor), Audit(supervisor)]
+
+
 async def _start_admin(supervisor: Supervisor, address: Address) -> tuple[web.AppRunner, str]:
     async def healthz(_request: web.Request) -> web.Response:
         status, body = supervisor.health()
@@ -188,11 +204,7 @@ async def serve(
         addon_manager: Any = m.addons
         default_addons: Any = mitm_addons.default_addons
         option_manager: Any = opts
-        addon_manager.add(
-            Passthrough(supervisor),
-            Inject(supervisor),
-            Audit(supervisor),
-        )
+        addon_manager.add(TokenferryAddons(supervisor))
         addon_manager.add(*default_addons())
         addon_manager.add(
             errorcheck.ErrorCheck(),
