@@ -57,7 +57,7 @@ class Audit:
         fields["sandbox"] = self.supervisor.sandbox
         outcome = str(decision.get("outcome"))
         if decision.get("provider") is not None:
-            self.supervisor.metrics.grants.labels(
+            self.supervisor.metrics.grant_decision(
                 decision["provider"], decision["credential"], outcome
             ).inc()
         level = logging.INFO if outcome in ("injected", "not_injected") else logging.WARNING

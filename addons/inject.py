@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from mitmproxy import ctx, exceptions, http
 from addons.audit import DECISION_KEY, Audit
 from addons.passthrough import Passthrough
 from proxy.config import ConfigError, load_file_config
-from proxy.grants import GrantError, IdentityOptions, open_broker
-from proxy.routes import strip_query
+from proxy.grants import GrantBroker, GrantError, GrantResult, IdentityOptions, open_broker
+from proxy.routes import Route, strip_query
 from proxy.supervisor import Supervisor, error_body, host_header_mismatch
 from tokenferry.service import announce_ready
 from tokenferry.tokens import CacheKey
@@ -67,35 +68,46 @@ def _respond(flow: http.HTTPFlow, status: int, body: bytes) -> None:
 
 
 def _replace_header(headers: http.Headers, name: str, value: str) -> None:
-    # Headers is case-insensitive: deleting by name removes every field of that name in
-    # any spelling, so a sandbox-supplied value is never forwarded beside ours.
-    while name in headers:
-        del headers[name]
-    headers[name] = value
+    # Every field with this name, in any spelling, goes, so a sandbox-supplied value is
+    # never forwarded beside ours; ours is appended. One pass over the raw fields (what
+    # ``del headers[name]; headers[name] = value`` does in four).
+    raw_name = name.encode("utf-8", "surrogateescape")
+    lowered = raw_name.lower()
+    kept = tuple(field for field in headers.fields if field[0].lower() != lowered)
+    headers.fields = (*kept, (raw_name, value.encode("utf-8", "surrogateescape")))
+
+
+def _fail_internal(flow: http.HTTPFlow) -> None:
+    # A bug must not turn into forwarding (possibly with the sandbox's own header on a
+    # protected route): answer 502 like any other failure.
+    logger.exception("injection failed unexpectedly")
+    if hasattr(flow, _INJECTED_ATTR):
+        delattr(flow, _INJECTED_ATTR)
+    _respond(
+        flow,
+        502,
+        error_body("credential_unavailable", None, None, "internal error in the proxy"),
+    )
 
 
 class Inject:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Decide and inject. Synchronous when the route's token is cached and needs no
+        refresh (every request but the first and a refresh's): only when the token has
+        to be fetched does this return a coroutine, which mitmproxy awaits (its addon
+        manager awaits whatever awaitable a hook returns)."""
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         try:
-            await self._decide(flow)
+            return self._decide(flow)
         except Exception:
-            # A bug must not turn into forwarding (possibly with the sandbox's own header
-            # on a protected route): answer 502 like any other failure.
-            logger.exception("injection failed unexpectedly")
-            if hasattr(flow, _INJECTED_ATTR):
-                delattr(flow, _INJECTED_ATTR)
-            _respond(
-                flow,
-                502,
-                error_body("credential_unavailable", None, None, "internal error in the proxy"),
-            )
+            _fail_internal(flow)
+            return None
 
-    async def _decide(self, flow: http.HTTPFlow) -> None:
+    def _decide(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         request = flow.request
         path = strip_query(request.path)
         route = self.supervisor.table.lookup(request.host, request.port, path)
@@ -119,7 +131,7 @@ class Inject:
                     f"{request.scheme} request on a tls: {route.tls} route" if route else None
                 )
             request.stream = True
-            return
+            return None
         assert decision is not None
         if host_header_mismatch(request.host_header, request.host, request.port) or (
             # An absolute-form request line inside a CONNECT tunnel names a host too, and
@@ -140,21 +152,49 @@ class Inject:
                     f"{request.host}:{request.port}; no credential was injected",
                 ),
             )
-            return
+            return None
         broker = self.supervisor.broker
-        try:
-            if broker is None:
-                raise GrantError(route.provider, route.credential, "supervisor is starting")
-            result = await broker.obtain(route)
-        except GrantError as exc:
-            decision["outcome"] = "credential_unavailable"
-            decision["detail"] = exc.detail
-            _respond(
-                flow,
-                502,
-                error_body("credential_unavailable", exc.provider, exc.credential, exc.detail),
+        if broker is None:
+            self._unavailable(
+                flow, decision, route.provider, route.credential, "supervisor is starting"
             )
-            return
+            return None
+        result = broker.cached(route)
+        if result is None:
+            return self._obtain(flow, route, decision, broker)
+        self._inject(flow, route, decision, result)
+        return None
+
+    async def _obtain(
+        self, flow: http.HTTPFlow, route: Route, decision: dict[str, Any], broker: GrantBroker
+    ) -> None:
+        try:
+            try:
+                result = await broker.obtain(route)
+            except GrantError as exc:
+                self._unavailable(flow, decision, exc.provider, exc.credential, exc.detail)
+                return
+            self._inject(flow, route, decision, result)
+        except Exception:
+            _fail_internal(flow)
+
+    @staticmethod
+    def _unavailable(
+        flow: http.HTTPFlow,
+        decision: dict[str, Any],
+        provider: str,
+        credential: str,
+        detail: str,
+    ) -> None:
+        decision["outcome"] = "credential_unavailable"
+        decision["detail"] = detail
+        _respond(flow, 502, error_body("credential_unavailable", provider, credential, detail))
+
+    @staticmethod
+    def _inject(
+        flow: http.HTTPFlow, route: Route, decision: dict[str, Any], result: GrantResult
+    ) -> None:
+        request = flow.request
         decision["cache"] = str(result.outcome)
         decision["grant_latency_ms"] = round(result.latency * 1000, 3)
         decision["outcome"] = "injected"

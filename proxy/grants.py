@@ -302,6 +302,10 @@ class TokenExchangeGrant:
         await self._intermediates.aclose()
 
 
+# Far more than any configuration has routes; only reached after many table swaps.
+_KEY_MEMO_LIMIT = 4096
+
+
 class GrantBroker:
     """Routes in, tokens out: the cache in front of the grant implementations."""
 
@@ -321,9 +325,37 @@ class GrantBroker:
         self._metrics = metrics
         self._supervisor_id = supervisor_id
         self._monotonic = monotonic
+        self._keys: dict[int, tuple[Route, CacheKey]] = {}
 
     def key(self, route: Route) -> CacheKey:
-        return cache_key(route, self._supervisor_id)
+        # Built once per route object rather than per request (it parses the token
+        # endpoint URL). Keyed by identity, with the route kept alongside so its id
+        # cannot be reused by another route while the entry exists; routes of replaced
+        # tables are dropped when the memo is cleared.
+        memo = self._keys.get(id(route))
+        if memo is not None and memo[0] is route:
+            return memo[1]
+        key = cache_key(route, self._supervisor_id)
+        if len(self._keys) >= _KEY_MEMO_LIMIT:
+            self._keys.clear()
+        self._keys[id(route)] = (route, key)
+        return key
+
+    def cached(self, route: Route) -> GrantResult | None:
+        """The route's token without waiting, when the cache holds one that needs no
+        refresh yet (what ``obtain`` would answer as a hit); None otherwise: then
+        ``obtain`` fetches, refreshes, shares a fetch or reports the failure.
+
+        Lets the proxy inject on a hit without creating and awaiting coroutines.
+        """
+        if route.grant.grant_type not in self._grants:
+            return None
+        key = self.key(route)
+        token = self._cache.peek(key)
+        if token is None or self._cache.clock() >= token.refresh_after:
+            return None
+        self._metrics.cache_outcome(CacheOutcome.HIT).inc()
+        return GrantResult(token, CacheOutcome.HIT, 0.0, key)
 
     async def obtain(self, route: Route) -> GrantResult:
         grant = self._grants.get(route.grant.grant_type)
@@ -344,7 +376,7 @@ class GrantBroker:
             token, outcome = await self._cache.get(key, fetch)
         except Exception as exc:  # every failure is closed and reported the same way
             raise GrantError(route.provider, route.credential, describe_failure(exc)) from None
-        self._metrics.cache.labels(str(outcome)).inc()
+        self._metrics.cache_outcome(outcome).inc()
         return GrantResult(token, outcome, self._monotonic() - started, key)
 
     def evict_token(self, key: CacheKey, value: str) -> bool:

@@ -71,8 +71,28 @@ class ProxyMetrics:
             registry=self.registry,
         )
         # Pre-create the label sets that are always meaningful, so they show as 0.
-        for outcome in ("hit", "miss", "refresh", "shared"):
-            self.cache.labels(outcome)
+        self._cache_outcomes = {
+            outcome: self.cache.labels(outcome) for outcome in ("hit", "miss", "refresh", "shared")
+        }
+        self._decisions: dict[tuple[str, str, str], Counter] = {}
+
+    # Per-request counters: the labelled children are looked up once and kept, since
+    # ``labels()`` validates and locks on every call.
+
+    def cache_outcome(self, outcome: str) -> Counter:
+        """The token cache counter for ``outcome`` (hit, miss, refresh, shared)."""
+        child = self._cache_outcomes.get(outcome)
+        if child is None:
+            child = self._cache_outcomes[outcome] = self.cache.labels(outcome)
+        return child
+
+    def grant_decision(self, provider: str, credential: str, outcome: str) -> Counter:
+        """The ``grants`` counter of one provider, credential and decision outcome."""
+        key = (provider, credential, outcome)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.grants.labels(provider, credential, outcome)
+        return child
 
     @contextmanager
     def exchange(self, leg: str) -> Iterator[None]:

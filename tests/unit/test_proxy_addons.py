@@ -28,10 +28,19 @@ TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
 
 
 class FakeBroker:
-    def __init__(self, *, fail: str | None = None) -> None:
+    """``cached`` answers only when ``hit`` (a fresh cached token); ``obtain`` always."""
+
+    def __init__(self, *, fail: str | None = None, hit: bool = False) -> None:
         self.fail = fail
+        self.hit = hit
         self.calls: list[Route] = []
         self.evicted: list[tuple[CacheKey, str]] = []
+
+    def cached(self, route: Route) -> GrantResult | None:
+        if not self.hit:
+            return None
+        token = CachedToken(value=TOKEN, obtained_at=0.0, lifetime=300.0)
+        return GrantResult(token, CacheOutcome.HIT, 0.0, cache_key(route))
 
     async def obtain(self, route: Route) -> GrantResult:
         self.calls.append(route)
@@ -43,6 +52,13 @@ class FakeBroker:
     def evict_token(self, key: CacheKey, value: str) -> bool:
         self.evicted.append((key, value))
         return True
+
+
+async def requestheaders(addon: Inject, f: http.HTTPFlow) -> None:
+    """Run the hook as mitmproxy's addon manager does: await what it returns, if anything."""
+    pending = addon.requestheaders(f)
+    if pending is not None:
+        await pending
 
 
 def supervisor(broker: FakeBroker | None = None, *, header: str = "Authorization") -> Supervisor:
@@ -93,7 +109,7 @@ async def test_injection_replaces_every_same_named_header() -> None:
             (b"AUTHORIZATION", b"Basic eA=="),
         ]
     )
-    await Inject(supervisor(broker)).requestheaders(f)
+    await requestheaders(Inject(supervisor(broker)), f)
     assert f.response is None
     assert f.request.headers.get_all("Authorization") == [f"Bearer {TOKEN}"]
     assert f.request.stream is True
@@ -102,15 +118,37 @@ async def test_injection_replaces_every_same_named_header() -> None:
     assert TOKEN not in json.dumps(f.metadata)
 
 
+async def test_cached_token_is_injected_without_awaiting() -> None:
+    broker = FakeBroker(hit=True)
+    f = flow(
+        headers=[
+            (b"Host", b"api.example.org"),
+            (b"authorization", b"Bearer sandbox"),
+            (b"Accept", b"*/*"),
+            (b"AUTHORIZATION", b"Basic eA=="),
+        ]
+    )
+    assert Inject(supervisor(broker)).requestheaders(f) is None  # nothing to await
+    assert broker.calls == []
+    assert f.request.headers.fields == (
+        (b"Host", b"api.example.org"),
+        (b"Accept", b"*/*"),
+        (b"Authorization", f"Bearer {TOKEN}".encode()),
+    )
+    assert f.request.stream is True
+    assert f.metadata[DECISION_KEY]["outcome"] == "injected"
+    assert f.metadata[DECISION_KEY]["cache"] == "hit"
+
+
 async def test_header_style_sets_raw_value() -> None:
     f = flow(headers=[(b"Host", b"api.example.org"), (b"x-api-key", b"mine")])
-    await Inject(supervisor(FakeBroker(), header="X-Api-Key")).requestheaders(f)
+    await requestheaders(Inject(supervisor(FakeBroker(), header="X-Api-Key")), f)
     assert f.request.headers.get_all("X-Api-Key") == [TOKEN]
 
 
 async def test_grant_failure_is_closed_with_json_502() -> None:
     f = flow()
-    await Inject(supervisor(FakeBroker(fail="token endpoint unavailable"))).requestheaders(f)
+    await requestheaders(Inject(supervisor(FakeBroker(fail="token endpoint unavailable"))), f)
     assert f.response is not None and f.response.status_code == 502
     assert f.response.headers["Content-Type"] == "application/json"
     assert json.loads(f.response.get_text() or "") == {
@@ -125,7 +163,7 @@ async def test_grant_failure_is_closed_with_json_502() -> None:
 async def test_host_header_naming_another_host_gets_421() -> None:
     broker = FakeBroker()
     f = flow(headers=[(b"Host", b"evil.example.org")])
-    await Inject(supervisor(broker)).requestheaders(f)
+    await requestheaders(Inject(supervisor(broker)), f)
     assert f.response is not None and f.response.status_code == 421
     assert broker.calls == []
 
@@ -133,19 +171,19 @@ async def test_host_header_naming_another_host_gets_421() -> None:
 async def test_scheme_must_fit_tls_mode() -> None:
     broker = FakeBroker()
     f = flow(scheme="http", headers=[(b"Host", b"api.example.org:443")])
-    await Inject(supervisor(broker)).requestheaders(f)
+    await requestheaders(Inject(supervisor(broker)), f)
     assert broker.calls == [] and f.response is None
     assert f.metadata[DECISION_KEY]["outcome"] == "not_injected"
     g = flow(
         host="plain.example.org", port=80, scheme="http", headers=[(b"Host", b"plain.example.org")]
     )
-    await Inject(supervisor(broker)).requestheaders(g)
+    await requestheaders(Inject(supervisor(broker)), g)
     assert g.request.headers["Authorization"] == f"Bearer {TOKEN}"
 
 
 async def test_unmatched_request_is_untouched() -> None:
     f = flow(host="other.org", headers=[(b"Host", b"other.org"), (b"Authorization", b"mine")])
-    await Inject(supervisor(FakeBroker())).requestheaders(f)
+    await requestheaders(Inject(supervisor(FakeBroker())), f)
     assert f.request.headers.get_all("Authorization") == ["mine"]
     assert DECISION_KEY not in f.metadata
 
@@ -154,7 +192,7 @@ async def test_response_redacts_header_and_401_evicts() -> None:
     broker = FakeBroker()
     addon = Inject(supervisor(broker))
     f = flow()
-    await addon.requestheaders(f)
+    await requestheaders(addon, f)
     f.response = http.Response.make(401)
     addon.responseheaders(f)
     assert f.response.stream is True
@@ -163,7 +201,7 @@ async def test_response_redacts_header_and_401_evicts() -> None:
     assert f.metadata[DECISION_KEY]["evicted"] is True
     # A 200 evicts nothing.
     g = flow()
-    await addon.requestheaders(g)
+    await requestheaders(addon, g)
     g.response = http.Response.make(200)
     addon.responseheaders(g)
     assert len(broker.evicted) == 1
@@ -172,7 +210,7 @@ async def test_response_redacts_header_and_401_evicts() -> None:
 async def test_error_hook_redacts_too() -> None:
     addon = Inject(supervisor(FakeBroker()))
     f = flow()
-    await addon.requestheaders(f)
+    await requestheaders(addon, f)
     addon.error(f)
     assert f.request.headers["Authorization"] == REDACTED
 
@@ -231,7 +269,7 @@ def test_audit_logs_one_line_without_secrets(caplog: Any) -> None:
 def test_decision_lines_skip_the_add_log_hook_only() -> None:
     # Turning each decision line into an add_log event walked the whole addon chain per
     # request; every other record still becomes one.
-    with taddons.context() as tctx:
+    with taddons.context() as tctx:  # type: ignore[no-untyped-call]
         tctx.master.addons.add(Audit(supervisor(FakeBroker())))
         legacy = [
             h for h in logging.getLogger().handlers if isinstance(h, mitmproxy_log.LegacyLogEvents)
@@ -254,6 +292,13 @@ def test_host_header_mismatch_rules() -> None:
     assert host_header_mismatch("api.example.org:444", "api.example.org", 443)
     assert host_header_mismatch("evil.org", "api.example.org", 443)
     assert not host_header_mismatch("[::1]:8080", "::1", 8080)
+    assert host_header_mismatch("[::1]:8081", "::1", 8080)
+    # The spellings answered without parsing still refuse near misses.
+    assert not host_header_mismatch("api.example.org", "api.example.org", 8443)
+    assert not host_header_mismatch("api.example.org:8443", "api.example.org", 8443)
+    assert host_header_mismatch("api.example.org:443", "api.example.org", 8443)
+    assert host_header_mismatch("api.example.org.evil.org", "api.example.org", 443)
+    assert host_header_mismatch("api.example.org:443:443", "api.example.org", 443)
 
 
 class ExplodingBroker(FakeBroker):
@@ -261,9 +306,21 @@ class ExplodingBroker(FakeBroker):
         raise RuntimeError("bug")
 
 
+class ExplodingCacheBroker(FakeBroker):
+    def cached(self, route: Route) -> GrantResult | None:
+        raise RuntimeError("bug")
+
+
+async def test_unexpected_error_on_the_synchronous_path_fails_closed() -> None:
+    f = flow(headers=[(b"Host", b"api.example.org"), (b"Authorization", b"Bearer sandbox")])
+    assert Inject(supervisor(ExplodingCacheBroker())).requestheaders(f) is None
+    assert f.response is not None and f.response.status_code == 502
+    assert json.loads(f.response.get_text() or "")["detail"] == "internal error in the proxy"
+
+
 async def test_unexpected_error_fails_closed() -> None:
     f = flow(headers=[(b"Host", b"api.example.org"), (b"Authorization", b"Bearer sandbox")])
-    await Inject(supervisor(ExplodingBroker())).requestheaders(f)
+    await requestheaders(Inject(supervisor(ExplodingBroker())), f)
     assert f.response is not None and f.response.status_code == 502
     assert json.loads(f.response.get_text() or "")["detail"] == "internal error in the proxy"
 

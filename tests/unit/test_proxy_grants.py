@@ -208,6 +208,47 @@ async def test_evict_token_drops_only_that_token() -> None:
     assert (await b.obtain(route)).outcome is CacheOutcome.MISS
 
 
+async def test_cached_answers_a_fresh_token_without_a_fetch() -> None:
+    now = [1000.0]
+    client = FakeClient()
+    metrics = ProxyMetrics()
+    grant = ClientCredentialsGrant(FakeSvids(), client, metrics, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    b = GrantBroker(TokenCache(clock=lambda: now[0]), {"client_credentials": grant}, metrics)
+    route, other = routes()[0], routes()[1]
+    assert b.cached(route) is None  # nothing cached yet: the caller must obtain()
+    first = await b.obtain(route)
+    hit = b.cached(route)
+    assert hit is not None and hit.outcome is CacheOutcome.HIT and hit.key == first.key
+    assert hit.token.value == first.token.value and len(client.calls) == 1
+    assert b.cached(other) is None  # another audience, another key
+    assert metrics.cache.labels("hit")._value.get() == 1
+    # Due for refresh: the hit must go through obtain(), which starts the refresh.
+    now[0] = first.token.refresh_after
+    assert b.cached(route) is None
+    refreshing = await b.obtain(route)
+    assert refreshing.outcome is CacheOutcome.REFRESH
+    await b.cache.drain()
+    assert len(client.calls) == 2
+    fresh = b.cached(route)
+    assert fresh is not None and fresh.token.value == "token-2"
+    # Evicted (upstream 401): nothing to answer without a fetch.
+    assert b.evict_token(fresh.key, fresh.token.value)
+    assert b.cached(route) is None
+
+
+def test_cached_is_none_for_a_grant_type_the_mode_lacks() -> None:
+    assert GrantBroker(TokenCache(), {}, ProxyMetrics()).cached(routes()[0]) is None
+
+
+def test_key_is_built_once_per_route_and_stays_equal() -> None:
+    b = broker(FakeClient())
+    route = routes()[0]
+    assert b.key(route) is b.key(route)
+    same_config_again = routes()[0]  # an equal route of a new table: an equal key
+    assert b.key(same_config_again) == b.key(route)
+    assert b.key(routes(revision=2)[0]) != b.key(route)
+
+
 # --- token_exchange ---------------------------------------------------------------------
 
 IDP_AUDIENCE = "https://idp.example.org/realms/r1"
