@@ -20,24 +20,41 @@ _RECORD_ATTRS = frozenset(
 )
 
 
+# One encoder for every line: json.dumps(..., default=str) would build a new one per call.
+_ENCODER = json.JSONEncoder(default=str)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record; fields given with ``extra=`` are kept as fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # (whole second, its "YYYY-MM-DDTHH:MM:SS" text): the proxy writes a line per
+        # request, and formatting the same second again for each one is measurable.
+        self._second: tuple[int, str] = (-1, "")
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        whole = int(record.created)
+        second, text = self._second
+        if whole != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+            self._second = (whole, text)
+        return f"{text}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in vars(record).items():
+        for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRS and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info and record.levelno >= logging.ERROR:
             # Exception text can carry request data; keep only the type, never the message.
             entry["exception"] = record.exc_info[0].__name__ if record.exc_info[0] else None
-        return json.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
 
 
 def configure_logging(level: str = "info") -> None:
