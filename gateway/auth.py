@@ -63,6 +63,10 @@ def bearer_token(header: str | None) -> str:
         raise AuthenticationFailed("Authorization header is not 'Bearer <token>'")
     if len(token) > _MAX_BEARER_LENGTH:
         raise AuthenticationFailed("bearer token is longer than 16 KiB")
+    if not (token.isascii() and token.isprintable()):
+        # Header bytes that are not UTF-8 arrive as lone surrogates, which the JWT and
+        # admin-token checks cannot even encode: refuse them here, as a 401.
+        raise AuthenticationFailed("bearer token has non-ASCII or control characters")
     return token
 
 

@@ -343,3 +343,75 @@ def test_the_stored_value_never_appears_in_answers_logs_or_metrics(
         assert SUBJECT_TOKEN not in text
     assert SUBJECT_TOKEN.encode() not in stack.raw_database_bytes()
     assert "Traceback" not in texts[-1]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+BAD_AUTHORIZATIONS: list[bytes] = [
+    b"",
+    b"Bearer",
+    b"Bearer ",
+    b"Basic YWRtaW46YWRtaW4=",
+    b"Bearer a.b.c",
+    b"Bearer \xe9t\xe9",  # not UTF-8: was a 500 (UnicodeEncodeError)
+    b"Bearer \xc3\xa9t\xc3\xa9",  # UTF-8 but not ASCII
+    (
+        b"Bearer "
+        + _b64(b'{"alg":"ES256","kid":"k"}').encode()
+        + b"."
+        + _b64(b'{"sub":5,"aud":[1],"exp":"soon"}').encode()
+        + b".c2ln"
+    ),
+    b"Bearer " + _b64(b'{"alg":"none"}').encode() + b"." + _b64(b'{"exp":1e400}').encode() + b".",
+    b"Bearer " + _b64(b"\xff\xfe").encode() + b".e30.c2ln",
+]
+
+
+@pytest.mark.parametrize("authorization", BAD_AUTHORIZATIONS)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/providers"),
+        ("POST", "/v1/providers"),
+        ("GET", "/v1/supervisor/config"),
+        ("POST", "/v1/supervisor/intermediate-token"),
+    ],
+)
+def test_garbage_authorization_is_401_json(
+    stack: GatewayStack, method: str, path: str, authorization: bytes
+) -> None:
+    before = snapshot(stack)
+    response = requests.request(
+        method,
+        stack.url + path,
+        headers={"Authorization": authorization} if authorization else {},
+        json={"provider": "p1", "credential": "access_token", "name": "p8", "profile": "orders"},
+        timeout=20,
+    )
+    answer = refused(response, 401)
+    assert answer["error"] == "unauthenticated"
+    assert snapshot(stack) == before
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer " + ADMIN_TOKEN.encode() + b"\x7f", b"Bearer " + ADMIN_TOKEN.encode() + b"a" * 9000],
+    ids=["control-character", "over-8190-bytes"],
+)
+def test_unparseable_authorization_is_refused_by_the_http_parser(
+    stack: GatewayStack, authorization: bytes
+) -> None:
+    """aiohttp's parser refuses these before any handler (a plain-text 400 that quotes
+    the start of the offending line back to its sender); nothing is stored or logged."""
+    before = snapshot(stack)
+    response = requests.post(
+        stack.url + "/v1/providers",
+        headers={"Authorization": authorization},
+        json={"name": "p7", "profile": "orders"},
+        timeout=20,
+    )
+    assert response.status_code == 400
+    assert snapshot(stack) == before
+    assert ADMIN_TOKEN not in stack.gateway.log_text()
