@@ -40,7 +40,8 @@ def _json(data: object) -> bytes:
     return json.dumps(data).encode()
 
 
-# path -> (how to answer, given the assertion received; words the 502 detail must hold)
+# path -> (how to answer, given the secrets received (client assertion, subject token);
+# words the failure's detail must hold). The broker tests reuse these.
 MODES: dict[str, tuple[Callable[[str], Answer], str]] = {
     "html": (
         lambda a: Answer(
@@ -87,10 +88,10 @@ MODES: dict[str, tuple[Callable[[str], Answer], str]] = {
 
 
 class FakeIdp:
-    """Threaded HTTP server answering per path; records every client assertion it got."""
+    """Threaded HTTP server answering per path; records every secret it was sent."""
 
     def __init__(self) -> None:
-        self.assertions: list[str] = []
+        self.secrets: list[str] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,10 +100,10 @@ class FakeIdp:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 form = parse_qs(self.rfile.read(length).decode())
-                assertion = form.get("client_assertion", [""])[0]
-                owner.assertions.append(assertion)
+                sent = [v for k in ("client_assertion", "subject_token") for v in form.get(k, [])]
+                owner.secrets.extend(sent)
                 mode = self.path.strip("/").split("/")[0]
-                answer = MODES[mode][0](assertion)
+                answer = MODES[mode][0](" ".join(sent))
                 self.send_response(answer.status)
                 self.send_header("Content-Type", answer.content_type)
                 self.send_header("Content-Length", str(len(answer.body)))
@@ -181,8 +182,9 @@ def test_bad_idp_answer_is_a_clear_502_with_nothing_leaked(env: Env, mode: str) 
     assert MODES[mode][1] in answer["detail"], answer
     assert CANARY not in body
     assert "\x1b" not in answer["detail"] and "\u202e" not in answer["detail"]
-    for assertion in env.idp.assertions:
-        assert assertion and assertion not in body
+    assert env.idp.secrets
+    for secret in env.idp.secrets:
+        assert secret and secret not in body
     # Nothing was forwarded to the protected upstream.
     assert env.stack.upstream_stats("orders") == before
 
@@ -191,9 +193,9 @@ def test_logs_hold_no_assertion_no_idp_token_and_no_traceback(env: Env) -> None:
     for mode in MODES:
         curl(env.proxy, env.url(mode))
     logs = env.stack.log_text()
-    assert env.idp.assertions
-    for assertion in env.idp.assertions:
-        assert assertion not in logs
+    assert env.idp.secrets
+    for secret in env.idp.secrets:
+        assert secret not in logs
     assert CANARY not in logs
     assert "Traceback" not in logs
     assert "\x1b" not in logs

@@ -1,0 +1,118 @@
+"""A broken or hostile token endpoint behind the gateway's broker (exchange 1).
+
+The gateway trusts the in-test fake IdP's endpoints (``--trusted-token-endpoint``), so a
+supervisor asking for an intermediate token makes the gateway send the fake IdP its own
+JWT-SVID and the user's stored subject token. Whatever the IdP answers, the supervisor
+must get a 502 ``idp_error`` with a clear detail, and neither that answer nor the
+gateway's log or metrics may hold the subject token, the gateway's SVID, or a token the
+IdP should not have been believed about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from gateway_client import CredentialInput, IdpError
+from tests.integration.test_adversarial_idp import CANARY, MODES, FakeIdp
+from tests.support.gateway_stack import (
+    GatewayStack,
+    exchange_profile_yaml,
+    sandbox_id,
+    start_gateway_stack,
+)
+from tests.support.procs import Service
+
+pytestmark = pytest.mark.timeout(120)
+
+SANDBOX = "hostile-idp"
+
+
+@dataclass
+class Env:
+    stack: GatewayStack
+    idp: FakeIdp
+    subject_token: str
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    services: list[Service] = []
+    idp = FakeIdp()
+    try:
+        trusted = [a for mode in MODES for a in ("--trusted-token-endpoint", _endpoint(idp, mode))]
+        stack = start_gateway_stack(
+            tmp_path_factory.mktemp("adversarial-broker"),
+            services,
+            extra_gateway_args=tuple(trusted),
+        )
+        subject_token = stack.user_token("alice", ttl=600)
+
+        async def setup() -> None:
+            async with stack.admin() as admin:
+                for mode in MODES:
+                    await admin.create_profile(
+                        exchange_profile_yaml(f"{mode}-api", _endpoint(idp, mode))
+                    )
+                    await admin.create_provider(
+                        mode, f"{mode}-api", {"user_token": CredentialInput(subject_token)}
+                    )
+                await admin.put_sandbox(SANDBOX, sandbox_id(SANDBOX), providers=list(MODES))
+
+        asyncio.run(setup())
+        yield Env(stack, idp, subject_token)
+    finally:
+        for service in reversed(services):
+            service.stop()
+        idp.stop()
+
+
+def _endpoint(idp: FakeIdp, mode: str) -> str:
+    return f"{idp.url}/{mode}/token"
+
+
+def _intermediate_token(stack: GatewayStack, provider: str) -> IdpError:
+    async def call() -> IdpError:
+        client, source = stack.supervisor(SANDBOX)
+        try:
+            async with client:
+                await client.intermediate_token(provider, "access_token")
+        except IdpError as exc:
+            return exc
+        finally:
+            await source.close()
+        raise AssertionError(f"{provider}: the broker accepted a bad IdP answer")
+
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bad_idp_answer_is_a_clear_502_idp_error(env: Env, mode: str) -> None:
+    error = _intermediate_token(env.stack, mode)
+    assert error.status == 502
+    assert MODES[mode][1] in error.detail, error.detail
+    shown = f"{error.code} {error.detail}"
+    assert CANARY not in shown
+    assert env.subject_token not in shown
+    assert "\x1b" not in shown and "\u202e" not in shown
+    for secret in env.idp.secrets:
+        assert secret not in shown
+
+
+def test_gateway_log_and_metrics_hold_no_secret_and_no_traceback(env: Env) -> None:
+    for mode in MODES:
+        _intermediate_token(env.stack, mode)
+    assert env.subject_token in env.idp.secrets  # exchange 1 did reach the fake IdP
+    texts = [
+        env.stack.gateway.log_text(),
+        requests.get(env.stack.admin_url + "/metrics", timeout=10).text,
+    ]
+    for text in texts:
+        assert "Traceback" not in text
+        assert CANARY not in text
+        for secret in env.idp.secrets:
+            assert secret not in text
