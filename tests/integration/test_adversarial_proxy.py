@@ -21,8 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
 
-from tests.support.stack import CaptureServer, Stack
+from tests.support.procs import Service
+from tests.support.stack import JWT_RE, CaptureServer, Stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -323,3 +325,71 @@ def test_no_token_reached_an_unrouted_server_or_the_logs(env: Env) -> None:
     for token in tokens:
         assert token not in logs
     assert "Traceback" not in logs
+
+
+def test_saved_flows_and_metrics_hold_no_token_even_when_the_upstream_fails(
+    env: Env, services: list[Service]
+) -> None:
+    """A token injected into a request whose upstream then refuses the connection, and
+    one in a custom header: neither may survive in a saved flow or the metrics page."""
+    stack = env.stack
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    stack.write_profile(
+        {
+            "id": "dead-api",
+            "credentials": [
+                {
+                    "name": "api_key",
+                    "auth_style": "header",
+                    "header_name": "X-Api-Key",
+                    "token_grant": {
+                        "grant_type": "client_credentials",
+                        "token_endpoint": stack.token_endpoint,
+                        "audience": "orders",
+                    },
+                }
+            ],
+            "endpoints": [{"host": "127.0.0.1", "port": dead_port, "tls": "none"}],
+        }
+    )
+    providers = stack.write_providers(
+        [{"name": "capture", "profile": "capture-api"}, {"name": "dead", "profile": "dead-api"}],
+        name="providers-saving",
+    )
+    flows_file = stack.root / "adversarial.mitm"
+    saver = stack.start_proxy(
+        name="proxy-saving",
+        providers=providers,
+        extra=["--set", f"save_stream_file={flows_file}"],
+    )
+    services.append(saver)
+    saver_env = Env(
+        stack,
+        int(str(saver.ready["proxy_url"]).rsplit(":", 1)[1]),
+        str(saver.ready["ca_file"]),
+        env.tls,
+        env.plain,
+        env.outside,
+    )
+    status, _ = plain(
+        saver_env,
+        f"GET http://127.0.0.1:{dead_port}/gone HTTP/1.1\r\nHost: 127.0.0.1:{dead_port}\r\n"
+        "X-Api-Key: sandbox-guess\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert status == 502
+    port = env.tls.port
+    status, _ = tunnel(
+        saver_env,
+        f"127.0.0.1:{port}",
+        f"GET /kept HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert status == 200
+    metrics_page = requests.get(f"{saver.ready['admin_url']}/metrics", timeout=10).text
+    saver.stop()
+    saved = flows_file.read_bytes()
+    assert saved  # both flows were written
+    assert JWT_RE.search(saved.decode("latin-1")) is None
+    assert JWT_RE.search(metrics_page) is None
+    assert b"[redacted by tokenferry]" in saved
