@@ -21,6 +21,7 @@ import asyncio
 import inspect
 import json
 import ssl
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -203,7 +204,8 @@ class GatewayClient:
                 return status, None, response_headers
             try:
                 return status, json.loads(raw), response_headers
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: JSON nested deeper than the decoder goes.
                 raise GatewayProtocolError(
                     "protocol_error", f"gateway answer to {method} {path} is not JSON", status
                 ) from None
@@ -380,17 +382,25 @@ def _credentials_json(
     return out
 
 
+def _printable(text: str, limit: int = 4000) -> str:
+    """Gateway-supplied text as shown on a terminal or in a log line: control and format
+    characters (escape sequences, CR/LF, bidi overrides) removed, length capped."""
+    return "".join(
+        ch for ch in text[: limit * 2] if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
+    )[:limit]
+
+
 def _error(status: int, raw: bytes, method: str, path: str) -> GatewayError:
     try:
         data = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict) and isinstance(data.get("error"), str):
-        code = data["error"]
+        code = _printable(data["error"], 100)
         detail = data.get("detail")
         extra = {k: v for k, v in data.items() if k not in ("error", "detail")}
         cls = ERRORS_BY_CODE.get(code, GatewayError)
-        return cls(code, detail if isinstance(detail, str) else code, status, extra)
+        return cls(code, _printable(detail) if isinstance(detail, str) else code, status, extra)
     # Not the gateway's error shape (a proxy in between?): never echo the body.
     return GatewayProtocolError(
         "protocol_error", f"{method} {path}: HTTP {status} without a gateway error body", status

@@ -33,6 +33,15 @@ ANSWERS: dict[str, tuple[int, str, bytes]] = {
     "list": (200, "application/json", b"[]"),
     "odd-error": (400, "application/json", b'{"error": 5, "detail": ["x"]}'),
     "echo": (502, "text/plain", b"upstream said: Authorization: Bearer " + CLI_TOKEN.encode()),
+    # JSON nested past the decoder's recursion limit, as an answer and as an error.
+    "deep": (200, "application/json", b"[" * 100_000 + b"]" * 100_000),
+    "deep-error": (400, "application/json", b'{"error": ' + b"[" * 100_000 + b"]" * 100_000),
+    # Terminal escapes and a bidi override in the detail the CLI prints.
+    "escapes": (
+        400,
+        "application/json",
+        rb'{"error": "invalid_request", "detail": "\u001b[2J\u001b[31mred\u202e\r\nforged"}',
+    ),
 }
 
 
@@ -146,32 +155,48 @@ def test_bad_gateway_url_is_one_clear_line(tmp_path: Path) -> None:
         assert result.stderr.startswith("error: gateway URL "), (url, result.stderr)
 
 
-# A read, a write carrying a secret, and a write without a body, for every bad answer.
-GATEWAY_COMMANDS: list[list[str]] = [
-    ["provider", "list"],
-    ["provider", "create", "a", "--profile", "p1", "--credential", "k=secret-value-7d2e"],
-    ["sandbox", "attach", "s", "a"],
+# Every bad answer is tried with a write carrying a secret, and with one of the others (a
+# read, a write without a body, a record fetch) in turn.
+SECRET_COMMAND = [
+    "provider",
+    "create",
+    "a",
+    "--profile",
+    "p1",
+    "--credential",
+    "k=secret-value-7d2e",
 ]
+OTHER_COMMANDS: list[list[str]] = [
+    ["provider", "list"],
+    ["sandbox", "attach", "s", "a"],
+    ["profile", "show", "p1"],
+]
+
+
+def _gateway_commands(url: str) -> list[list[str]]:
+    commands = []
+    for i, mode in enumerate(ANSWERS):
+        for args in (SECRET_COMMAND, OTHER_COMMANDS[i % len(OTHER_COMMANDS)]):
+            commands.append(["--gateway", f"{url}/{mode}", *args])
+    return commands
 
 
 def test_misbehaving_gateway_is_exit_1_with_a_clear_line(
     gateway: FakeGateway, tmp_path: Path
 ) -> None:
-    commands = [
-        ["--gateway", f"{gateway.url}/{mode}", *args]
-        for mode in ANSWERS
-        for args in GATEWAY_COMMANDS
-    ]
+    commands = _gateway_commands(gateway.url)
     for args, result in zip(commands, run_all(commands, tmp_path), strict=True):
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
-        assert gateway.url in lines[0], (args, lines)
+        if "/escapes" not in args[1]:  # that one is a well-formed gateway error
+            assert gateway.url in lines[0], (args, lines)
         output = result.stdout + result.stderr
         assert "Traceback" not in output
         assert CLI_TOKEN not in output
         assert "secret-value-7d2e" not in output
         assert "<html" not in output  # an impostor's page is never echoed
+        assert "\x1b" not in output and "\u202e" not in output and "\r" not in output
 
 
 def test_unreachable_gateway_is_exit_1_with_a_hint(tmp_path: Path) -> None:
