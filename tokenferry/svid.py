@@ -388,6 +388,8 @@ def parse_bundle_document(
         document = json.loads(data)
     except (UnicodeDecodeError, ValueError):
         raise ValueError("not JSON") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(document, dict):
         raise ValueError("not a JSON object")
     if "keys" in document:
@@ -412,7 +414,7 @@ def parse_bundle_document(
                 raise ValueError(f"bundle of {name!r} is not base64") from None
             try:
                 value = json.loads(decoded)
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise ValueError(f"bundle of {name!r} does not decode to JSON") from None
         result[name] = _jwks_or_raise(value, f"bundle of {name!r}: ")
     return result
