@@ -25,6 +25,7 @@ from gateway.store import (
     Missing,
     Store,
 )
+from tests.support import postgres as postgres_support
 from tests.support.postgres import PostgresCluster
 
 PROFILE = {"id": "orders-api", "credentials": [], "endpoints": []}
@@ -351,3 +352,11 @@ async def test_rotation_while_another_replica_still_writes_with_the_old_key(
     async with store.read() as tx:
         assert await tx.credential_value("p", "user_token") == (SECRET, None)
     await store.close()
+
+
+def test_missing_server_binaries_fail_with_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(postgres_support, "BIN_GLOB", str(tmp_path / "none" / "*" / "bin"))
+    with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
+        postgres_support.find_bin_dir()
