@@ -135,12 +135,17 @@ def _read_structured(path: Path) -> object:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read providers file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML/JSON{where}") from None
+    except RecursionError:
+        # The YAML parser recurses per nesting level; a file of brackets is a user error.
+        raise ConfigError(f"{path}: nested too deeply to be a providers file") from None
 
 
 def parse_providers(data: object, source: str, profiles: dict[str, Profile]) -> SupervisorConfig:
