@@ -39,8 +39,9 @@ def test_ready_line_is_returned_and_everything_is_logged(tmp_path: Path) -> None
             "import sys, time\n"
             "print('before', flush=True)\n"
             "print('to stderr', file=sys.stderr, flush=True)\n"
-            "print('LISTENING 4242', flush=True)\n"
-            "print('after', flush=True)\n"
+            # One write: "after" is in the pipe before the ready line is seen, so it is
+            # logged even though the test stops the child right after.
+            "sys.stdout.write('LISTENING 4242\\nafter\\n'); sys.stdout.flush()\n"
             "time.sleep(60)\n"
         ),
         tmp_path / "logs",
