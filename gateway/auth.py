@@ -184,7 +184,8 @@ class OidcVerifier:
                     raise IdentityUnavailable(f"{url} answered HTTP {response.status}")
                 body = await response.content.read(1024 * 1024)
                 data = json.loads(body) if body else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            # RecursionError: a JSON document nested deeper than the decoder goes.
             raise IdentityUnavailable(f"cannot fetch {url}: {type(exc).__name__}") from None
         if not isinstance(data, dict):
             raise IdentityUnavailable(f"{url} did not return a JSON object")

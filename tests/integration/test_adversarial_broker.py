@@ -11,21 +11,26 @@ IdP should not have been believed about.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import jwt
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway_client import CredentialInput, IdpError
+from tests.integration.test_adversarial_cli import FakeGateway
 from tests.integration.test_adversarial_idp import CANARY, MODES, FakeIdp
 from tests.support.gateway_stack import (
+    ADMIN_TOKEN,
     GatewayStack,
     exchange_profile_yaml,
     sandbox_id,
     start_gateway_stack,
 )
-from tests.support.procs import Service
+from tests.support.procs import Service, start_service
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,3 +121,57 @@ def test_gateway_log_and_metrics_hold_no_secret_and_no_traceback(env: Env) -> No
         assert CANARY not in text
         for secret in env.idp.secrets:
             assert secret not in text
+
+
+def test_issuer_answering_json_nested_too_deeply_is_503(env: Env, services: list[Service]) -> None:
+    """The OIDC issuer's discovery document (needed to check user tokens and to learn the
+    trusted token endpoint) nested past the JSON decoder's limit: 503, not a 500."""
+    fake = FakeGateway()
+    try:
+        issuer = f"{fake.url}/deep/realms/dev"
+        gateway = start_service(
+            "gateway-deep-issuer",
+            [
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--db",
+                str(env.stack.tmp / "deep-issuer.db"),
+                "--spiffe-socket",
+                env.stack.gateway_socket,
+                "--oidc-issuer",
+                issuer,
+                "--oidc-audience",
+                "tokenferry",
+                "--dev-admin-token",
+                ADMIN_TOKEN,
+            ],
+            env.stack.tmp / "logs",
+        )
+        services.append(gateway)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = int(time.time())
+        user_token = jwt.encode(
+            {"iss": issuer, "sub": "mallory", "aud": "tokenferry", "exp": now + 300},
+            key,
+            algorithm="ES256",
+            headers={"kid": "k1"},
+        )
+        url = str(gateway.ready["url"])
+        for token, body in (
+            (user_token, None),
+            (ADMIN_TOKEN, {"source": exchange_profile_yaml("deep-api", f"{issuer}/token")}),
+        ):
+            response = requests.post(
+                url + "/v1/profiles",
+                headers={"Authorization": f"Bearer {token}"},
+                json=body or {"source": "id: x"},
+                timeout=20,
+            )
+            assert response.status_code == 503, response.text
+            assert response.json()["error"] == "identity_unavailable"
+        assert "Traceback" not in gateway.log_text()
+    finally:
+        fake.stop()
