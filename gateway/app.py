@@ -79,6 +79,12 @@ class ApiSettings:
     supervisor_audience: str
 
 
+# aiohttp refuses header fields over 8190 bytes with a plain-text 400 before any handler
+# runs; OIDC access tokens carrying many groups or roles get that large. Up to this size
+# a bearer token reaches authentication (which caps tokens at 16 KiB with a JSON 401).
+MAX_HEADER_FIELD_BYTES = 32 * 1024
+
+
 def build_api_app(
     settings: ApiSettings, *, store: Store, svid_source: SvidSource, metrics: GatewayMetrics
 ) -> web.Application:
@@ -228,7 +234,12 @@ async def serve(
             (app, config.listen_host, config.listen_port),
             (build_admin_app(metrics, store), config.admin_host, config.admin_port),
         ):
-            runner = web.AppRunner(application, access_log=None, handle_signals=False)
+            runner = web.AppRunner(
+                application,
+                access_log=None,
+                handle_signals=False,
+                max_field_size=MAX_HEADER_FIELD_BYTES,
+            )
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, port)
