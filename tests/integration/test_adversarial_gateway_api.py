@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +23,7 @@ from tests.support.gateway_stack import (
     sandbox_id,
     start_gateway_stack,
 )
-from tests.support.procs import Service
+from tests.support.procs import Service, tokenferry_command
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -421,3 +423,25 @@ def test_unparseable_authorization_is_refused_by_the_http_parser(
     assert response.status_code == 400
     assert snapshot(stack) == before
     assert ADMIN_TOKEN not in stack.gateway.log_text()
+
+
+def test_profile_source_with_bidi_override_is_shown_escaped(stack: GatewayStack) -> None:
+    """Anyone may register a profile and reviewers read its source: a bidi override in a
+    comment must not make ``profile show --source`` read differently from what parses."""
+    source = (
+        exchange_profile_yaml("bidi-api", stack.token_endpoint)
+        + "# reviewed \u202eevil.example\u202c\n"
+    )
+    _ok(call(stack, "POST", "/v1/profiles", {"source": source}), 201)
+    result = subprocess.run(
+        tokenferry_command("--gateway", stack.url, "profile", "show", "bidi-api", "--source"),
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "TOKENFERRY_TOKEN": ADMIN_TOKEN},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\u202e" not in result.stdout and "\u202c" not in result.stdout
+    assert "# reviewed \\u202eevil.example\\u202c" in result.stdout
+    assert "2 invisible or control characters" in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -55,6 +56,25 @@ def lint_file(path: str) -> LintResult:
     except ProfileError as exc:
         return LintResult(path, None, exc.problems, exc.warnings)
     return LintResult(path, profile, (), warnings)
+
+
+def visible_source(text: str) -> tuple[str, int]:
+    """``text`` for a terminal, and how many characters had to be escaped.
+
+    A profile source is reviewed by reading it (docs/security.md), and anyone may have
+    registered it: bidi overrides, zero-width and other format characters, and a lone
+    carriage return could make it read differently from what the parser sees. Those are
+    shown as ``\\uXXXX`` (``\\UXXXXXXXX``) escapes; tabs and line ends (LF, CRLF) are kept.
+    """
+    out: list[str] = []
+    escaped = 0
+    for ch in text.replace("\r\n", "\n"):
+        if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(ch)
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+            escaped += 1
+    return "".join(out), escaped
 
 
 def _plural(count: int, word: str) -> str:
@@ -289,7 +309,11 @@ def run_show(args: argparse.Namespace) -> int:
 
     record = run_gateway(args, call)
     if args.source:
-        sys.stdout.write(record.source if record.source.endswith("\n") else record.source + "\n")
+        source, escaped = visible_source(record.source)
+        sys.stdout.write(source if source.endswith("\n") else source + "\n")
+        if escaped:
+            count = _plural(escaped, "invisible or control character")
+            info(f"warning: profile {record.id!r}: {count} shown as \\u escapes")
         return 0
     show_profile_record(args, record)
     return 0
