@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.e2e_stack import E2EStack
 from tests.support.procs import tokenferry_command
 
 pytestmark = pytest.mark.timeout(120)
 
 CLI_TOKEN = "cli-bearer-token-3c9a7e51d2"
+leaked = E2EStack.leaked
 
 # mode -> (status, content type, body)
 ANSWERS: dict[str, tuple[int, str, bytes]] = {
@@ -193,8 +195,8 @@ def test_misbehaving_gateway_is_exit_1_with_a_clear_line(
             assert gateway.url in lines[0], (args, lines)
         output = result.stdout + result.stderr
         assert "Traceback" not in output
-        assert CLI_TOKEN not in output
-        assert "secret-value-7d2e" not in output
+        found = leaked([CLI_TOKEN, "secret-value-7d2e"], output)
+        assert not found, (f"secrets {found} leaked", args)
         assert "<html" not in output  # an impostor's page is never echoed
         assert "\x1b" not in output and "\u202e" not in output and "\r" not in output
 
