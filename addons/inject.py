@@ -38,6 +38,7 @@ OptionsError: Any = exceptions.OptionsError
 logger = logging.getLogger("tokenferry.proxy")
 
 REDACTED = "[redacted by tokenferry]"
+_REDACTED_RAW = REDACTED.encode()
 
 
 class _Injected:
@@ -75,6 +76,23 @@ def _replace_header(headers: http.Headers, name: str, value: str) -> None:
     lowered = raw_name.lower()
     kept = tuple(field for field in headers.fields if field[0].lower() != lowered)
     headers.fields = (*kept, (raw_name, value.encode("utf-8", "surrogateescape")))
+
+
+def _redact_header(headers: http.Headers, name: str) -> None:
+    # What ``headers[name] = REDACTED`` does when the header is present (the first field
+    # of that name, any spelling, gets the placeholder; any others go), in one pass
+    # over the raw fields instead of four.
+    lowered = name.encode("utf-8", "surrogateescape").lower()
+    fields: list[tuple[bytes, bytes]] = []
+    redacted = False
+    for field in headers.fields:
+        if field[0].lower() != lowered:
+            fields.append(field)
+        elif not redacted:
+            fields.append((field[0], _REDACTED_RAW))
+            redacted = True
+    if redacted:
+        headers.fields = tuple(fields)
 
 
 def _fail_internal(flow: http.HTTPFlow) -> None:
@@ -231,8 +249,7 @@ class Inject:
         if injected is None:
             return None
         delattr(flow, _INJECTED_ATTR)
-        if injected.header_name in flow.request.headers:
-            flow.request.headers[injected.header_name] = REDACTED
+        _redact_header(flow.request.headers, injected.header_name)
         return injected
 
 

@@ -207,6 +207,32 @@ async def test_response_redacts_header_and_401_evicts() -> None:
     assert len(broker.evicted) == 1
 
 
+def test_redaction_keeps_the_field_position_and_spelling() -> None:
+    addon = Inject(supervisor(FakeBroker(hit=True)))
+    f = flow(headers=[(b"Host", b"api.example.org"), (b"Accept", b"*/*")])
+    assert addon.requestheaders(f) is None
+    # A later addon added its own copy in another spelling: neither may be saved.
+    f.request.headers.fields = (
+        (b"Host", b"api.example.org"),
+        (b"Authorization", f"Bearer {TOKEN}".encode()),
+        (b"Accept", b"*/*"),
+        (b"AUTHORIZATION", b"Bearer other"),
+    )
+    f.response = http.Response.make(200)
+    addon.responseheaders(f)
+    assert list(f.request.headers.fields) == [
+        (b"Host", b"api.example.org"),
+        (b"Authorization", REDACTED.encode()),
+        (b"Accept", b"*/*"),
+    ]
+    # Nothing to redact when the header is gone: the fields stay as they are.
+    g = flow(headers=[(b"Host", b"api.example.org")])
+    assert addon.requestheaders(g) is None
+    g.request.headers.fields = ((b"Host", b"api.example.org"),)
+    addon.error(g)
+    assert list(g.request.headers.fields) == [(b"Host", b"api.example.org")]
+
+
 async def test_error_hook_redacts_too() -> None:
     addon = Inject(supervisor(FakeBroker()))
     f = flow()
