@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import jwt
 from jwt.exceptions import PyJWKError, PyJWTError
 
+from tokenferry.jwks import IssuerDiscovery, JwksError, RemoteJwks
 from tokenferry.svid import SvidSource, SvidUnavailable
 from tokenferry.svid_verify import (
     ALLOWED_ALGORITHMS,
@@ -144,13 +144,6 @@ class SupervisorAuthenticator:
         )
 
 
-@dataclass
-class _IssuerKeys:
-    jwks_uri: str | None = None
-    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fetched_at: float = float("-inf")
-
-
 class OidcVerifier:
     """Validates user access tokens of one issuer: discovery and JWKS cached."""
 
@@ -166,73 +159,27 @@ class OidcVerifier:
     ) -> None:
         self.issuer = issuer
         self.audience = audience
-        self._http = http
-        self._max_age = max_age
-        self._min_refetch = min_refetch_interval
-        self._clock = clock
-        self._state = _IssuerKeys()
-        self._lock = asyncio.Lock()
-        self._discovery: dict[str, Any] | None = None
-        self._discovery_lock = asyncio.Lock()
-
-    async def _get_json(self, url: str) -> dict[str, Any]:
-        try:
-            async with self._http().get(
-                url, allow_redirects=False, headers={"Accept": "application/json"}
-            ) as response:
-                if response.status != 200:
-                    raise IdentityUnavailable(f"{url} answered HTTP {response.status}")
-                body = await response.content.read(1024 * 1024)
-                data = json.loads(body) if body else None
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
-            # RecursionError: a JSON document nested deeper than the decoder goes.
-            raise IdentityUnavailable(f"cannot fetch {url}: {type(exc).__name__}") from None
-        if not isinstance(data, dict):
-            raise IdentityUnavailable(f"{url} did not return a JSON object")
-        return data
+        self._jwks = RemoteJwks(
+            IssuerDiscovery(issuer),
+            session=http,
+            max_age=max_age,
+            min_refetch_interval=min_refetch_interval,
+            serve_stale_on_error=True,
+            clock=clock,
+        )
 
     async def discovery(self) -> dict[str, Any]:
         """The issuer's discovery document, fetched once (also names its token endpoint)."""
-        async with self._discovery_lock:
-            if self._discovery is None:
-                discovery_url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                doc = await self._get_json(discovery_url)
-                if doc.get("issuer") != self.issuer:
-                    raise IdentityUnavailable(
-                        f"discovery document names issuer {doc.get('issuer')!r}, "
-                        f"not {self.issuer!r}"
-                    )
-                self._discovery = doc
-            return self._discovery
-
-    async def _refresh(self) -> None:
-        state = self._state
-        if state.jwks_uri is None:
-            doc = await self.discovery()
-            jwks_uri = doc.get("jwks_uri")
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-                raise IdentityUnavailable("discovery document has no usable jwks_uri")
-            state.jwks_uri = jwks_uri
-        jwks = await self._get_json(state.jwks_uri)
-        keys = jwks.get("keys")
-        if not isinstance(keys, list):
-            raise IdentityUnavailable("issuer JWKS has no 'keys' list")
-        state.keys = {
-            k["kid"]: k for k in keys if isinstance(k, dict) and isinstance(k.get("kid"), str)
-        }
-        state.fetched_at = self._clock()
+        try:
+            return await self._jwks.discovery()
+        except JwksError as exc:
+            raise IdentityUnavailable(str(exc)) from None
 
     async def _key(self, kid: str) -> dict[str, Any] | None:
-        async with self._lock:
-            age = self._clock() - self._state.fetched_at
-            if age >= self._max_age or (kid not in self._state.keys and age >= self._min_refetch):
-                try:
-                    await self._refresh()
-                except IdentityUnavailable:
-                    if not self._state.keys:
-                        raise
-                    log.warning("issuer key refresh failed; using cached keys")
-            return self._state.keys.get(kid)
+        try:
+            return await self._jwks.key(kid)
+        except JwksError as exc:
+            raise IdentityUnavailable(str(exc)) from None
 
     async def verify(self, token: str) -> dict[str, Any]:
         try:
