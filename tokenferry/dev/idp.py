@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
@@ -49,6 +48,7 @@ from tokenferry.dev.idp_core import (
     parse_scope,
 )
 from tokenferry.dev.serving import parse_listen, serve, url_host
+from tokenferry.jwks import JwksMalformed, JwksUnavailable, RemoteJwks
 from tokenferry.service import announce_ready, configure_logging
 from tokenferry.svid_verify import (
     ALLOWED_ALGORITHMS,
@@ -99,56 +99,27 @@ class SpiffeBundles:
     ) -> None:
         self._url = url
         self._trust_domain = trust_domain
-        self._max_age = max_age
-        self._min_refetch_interval = min_refetch_interval
-        self._jwks: dict[str, Any] | None = None
-        self._fetched_at = 0.0
-        self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            trust_env=False, timeout=aiohttp.ClientTimeout(total=10)
-        )
+        # Re-fetch on an unknown kid (key rotation) but not more than once a second,
+        # so a stream of junk assertions cannot turn into a stream of JWKS fetches.
+        self._jwks = RemoteJwks(url, max_age=max_age, min_refetch_interval=min_refetch_interval)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._jwks.close()
 
     async def get(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
-        async with self._lock:
-            age = time.monotonic() - self._fetched_at
-            stale = self._jwks is None or age > self._max_age
-            # Re-fetch on an unknown kid (key rotation) but not more than once a second,
-            # so a stream of junk assertions cannot turn into a stream of JWKS fetches.
-            if stale or (refresh and age >= self._min_refetch_interval):
-                self._jwks = await self._fetch()
-                self._fetched_at = time.monotonic()
-            assert self._jwks is not None
-            return {self._trust_domain: self._jwks}
-
-    async def _fetch(self) -> dict[str, Any]:
-        assert self._session is not None
         try:
-            async with self._session.get(self._url, allow_redirects=False) as response:
-                if response.status != 200:
-                    raise OAuthProblem(
-                        "temporarily_unavailable",
-                        f"SPIFFE JWKS at {self._url} answered HTTP {response.status}",
-                        503,
-                    )
-                body = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise OAuthProblem(
-                "temporarily_unavailable",
-                f"SPIFFE JWKS at {self._url} unavailable ({type(exc).__name__})",
-                503,
-            ) from None
-        if not isinstance(body, dict) or not isinstance(body.get("keys"), list):
+            jwks = await self._jwks.jwks(refresh=refresh)
+        except JwksUnavailable as exc:
+            if exc.status is not None:
+                detail = f"SPIFFE JWKS at {self._url} answered HTTP {exc.status}"
+            else:
+                detail = f"SPIFFE JWKS at {self._url} unavailable ({exc.cause})"
+            raise OAuthProblem("temporarily_unavailable", detail, 503) from None
+        except JwksMalformed:
             raise OAuthProblem(
                 "temporarily_unavailable", f"SPIFFE JWKS at {self._url} is not a JWKS", 503
-            )
-        return body
+            ) from None
+        return {self._trust_domain: jwks}
 
 
 @dataclass
@@ -637,7 +608,6 @@ def build_app(state: IdpState) -> web.Application:
     app[STATE] = state
 
     async def bundles_context(app: web.Application) -> AsyncIterator[None]:
-        await app[STATE].bundles.start()
         yield
         await app[STATE].bundles.close()
 

@@ -16,6 +16,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,7 @@ from jwt.exceptions import (
 from tokenferry.cli.main import UserError
 from tokenferry.dev.certs import ensure_self_signed
 from tokenferry.dev.serving import parse_listen, serve, url_host
+from tokenferry.jwks import IssuerDiscovery, JwksMalformed, JwksUnavailable, RemoteJwks
 from tokenferry.service import announce_ready, configure_logging
 from tokenferry.svid_verify import ALLOWED_ALGORITHMS
 
@@ -68,57 +70,31 @@ class IssuerKeys:
 
     def __init__(self, issuer: str, *, min_refetch_interval: float = 1.0) -> None:
         self.issuer = issuer.rstrip("/")
-        self._min_refetch_interval = min_refetch_interval
-        self._keys: dict[str, dict[str, Any]] | None = None
-        self._fetched_at = 0.0
-        self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            trust_env=False, timeout=aiohttp.ClientTimeout(total=10)
+        # No max age: only a token naming a key we do not know (rotation) re-fetches.
+        self._jwks = RemoteJwks(
+            IssuerDiscovery(self.issuer, check_issuer=False),
+            max_age=math.inf,
+            min_refetch_interval=min_refetch_interval,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._jwks.close()
 
     async def key(self, kid: str) -> dict[str, Any] | None:
-        async with self._lock:
-            age = time.monotonic() - self._fetched_at
-            if self._keys is None or (kid not in self._keys and age >= self._min_refetch_interval):
-                self._keys = await self._fetch()
-                self._fetched_at = time.monotonic()
-            return self._keys.get(kid)
-
-    async def _get_json(self, url: str) -> Any:
-        assert self._session is not None
         try:
-            async with self._session.get(url, allow_redirects=False) as response:
-                if response.status != 200:
-                    raise TokenRefused(
-                        f"issuer metadata at {url} answered HTTP {response.status}",
-                        status=503,
-                        error="temporarily_unavailable",
-                    )
-                return await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise TokenRefused(
-                f"issuer metadata at {url} unavailable ({type(exc).__name__})",
-                status=503,
-                error="temporarily_unavailable",
-            ) from None
-
-    async def _fetch(self) -> dict[str, dict[str, Any]]:
-        config = await self._get_json(f"{self.issuer}/.well-known/openid-configuration")
-        jwks_uri = config.get("jwks_uri") if isinstance(config, dict) else None
-        if not isinstance(jwks_uri, str):
-            raise TokenRefused("issuer discovery has no jwks_uri", status=503, error="server_error")
-        jwks = await self._get_json(jwks_uri)
-        keys = jwks.get("keys") if isinstance(jwks, dict) else None
-        if not isinstance(keys, list):
-            raise TokenRefused("issuer JWKS has no keys", status=503, error="server_error")
-        return {k["kid"]: k for k in keys if isinstance(k, dict) and isinstance(k.get("kid"), str)}
+            return await self._jwks.key(kid)
+        except JwksUnavailable as exc:
+            if exc.status is not None:
+                reason = f"issuer metadata at {exc.url} answered HTTP {exc.status}"
+            else:
+                reason = f"issuer metadata at {exc.url} unavailable ({exc.cause})"
+            raise TokenRefused(reason, status=503, error="temporarily_unavailable") from None
+        except JwksMalformed as exc:
+            if exc.document == "discovery":
+                reason = "issuer discovery has no jwks_uri"
+            else:
+                reason = "issuer JWKS has no keys"
+            raise TokenRefused(reason, status=503, error="server_error") from None
 
 
 @dataclass
@@ -327,7 +303,6 @@ def build_app(state: UpstreamState) -> web.Application:
     app[STATE] = state
 
     async def keys_context(app: web.Application) -> AsyncIterator[None]:
-        await app[STATE].keys.start()
         yield
         await app[STATE].keys.close()
 
