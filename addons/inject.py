@@ -28,7 +28,12 @@ from addons.passthrough import Passthrough
 from proxy.config import ConfigError, load_file_config
 from proxy.grants import GrantBroker, GrantError, GrantResult, IdentityOptions, open_broker
 from proxy.routes import Route, strip_query
-from proxy.supervisor import Supervisor, error_body, host_header_mismatch
+from proxy.supervisor import (
+    Supervisor,
+    error_body,
+    host_header_mismatch,
+    server_name_mismatch,
+)
 from tokenferry.service import announce_ready
 from tokenferry.tokens import CacheKey
 
@@ -151,12 +156,16 @@ class Inject:
             request.stream = True
             return None
         assert decision is not None
-        if host_header_mismatch(request.host_header, request.host, request.port) or (
-            # An absolute-form request line inside a CONNECT tunnel names a host too, and
-            # the upstream must prefer it to Host (RFC 9112 §3.2.2): a token minted for
-            # the destination would serve another virtual host.
-            request.authority
-            and host_header_mismatch(request.authority, request.host, request.port)
+        if (
+            host_header_mismatch(request.host_header, request.host, request.port)
+            or (
+                # An absolute-form request line inside a CONNECT tunnel names a host too, and
+                # the upstream must prefer it to Host (RFC 9112 §3.2.2): a token minted for
+                # the destination would serve another virtual host.
+                request.authority
+                and host_header_mismatch(request.authority, request.host, request.port)
+            )
+            or server_name_mismatch(flow.client_conn.sni, request.host)
         ):
             decision["outcome"] = "misdirected"
             _respond(
@@ -166,7 +175,8 @@ class Inject:
                     "misdirected_request",
                     route.provider,
                     route.credential,
-                    "the Host header or request target does not name the destination "
+                    "the Host header, request target or TLS server name does not name "
+                    "the destination "
                     f"{request.host}:{request.port}; no credential was injected",
                 ),
             )

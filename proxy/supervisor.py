@@ -100,6 +100,16 @@ def host_header_mismatch(host_header: str | None, dest_host: str, dest_port: int
     return port is not None and port != dest_port
 
 
+def server_name_mismatch(sni: str | None, dest_host: str) -> bool:
+    """Does the TLS server name (SNI) the sandbox sent name another host than the
+    destination? mitmproxy passes it on to the upstream, and a front end that routes on
+    SNI would hand our token to that name's service. No SNI (an IP literal) names nothing.
+    """
+    if not sni or sni == dest_host:
+        return False
+    return normalise_host(sni) != normalise_host(dest_host)
+
+
 def error_body(error: str, provider: str | None, credential: str | None, detail: str) -> bytes:
     """The JSON body of every response the proxy makes up (502, 421, 403)."""
     return json.dumps(

@@ -440,3 +440,24 @@ def test_path_globs_match_literally(env: Env, path: str, injected: bool) -> None
     if not path.startswith("//"):  # http.server itself collapses a leading "//"
         assert env.scoped.requests[-1].path == path  # forwarded exactly as sent
     assert _injected(values) is injected, values
+
+
+@pytest.mark.parametrize(
+    ("connect_to", "sni"),
+    [("127.0.0.1", "localhost"), ("localhost", "evil.example"), ("localhost", "localhost")],
+)
+def test_tls_server_name_must_name_the_connect_target(env: Env, connect_to: str, sni: str) -> None:
+    """mitmproxy passes the sandbox's SNI on to the upstream: a front end that routes on
+    SNI would hand a token minted for the CONNECT target to another virtual host."""
+    port = env.tls.port
+    before = len(env.tls.requests)
+    request = (
+        f"GET /sni HTTP/1.1\r\nHost: {connect_to}:{port}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, body = tunnel(env, f"{connect_to}:{port}", request, sni=sni)
+    if sni.lower().rstrip(".") == connect_to:
+        assert status == 200, body
+        return
+    assert status == 421, body
+    assert json.loads(body)["error"] == "misdirected_request"
+    assert _new(env.tls, before) == []

@@ -97,6 +97,7 @@ def flow(
     f.request.scheme = scheme
     f.request.path = path
     f.request.headers = http.Headers(headers or [(b"Host", host.encode())])
+    f.client_conn.sni = host  # tflow's default "address" would name another host
     return f
 
 
