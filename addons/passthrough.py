@@ -23,48 +23,47 @@ from proxy.routes import strip_query
 from proxy.supervisor import Supervisor, error_body
 
 
-def _deny(flow: http.HTTPFlow, host: str, port: int, path: str | None) -> None:
+def _refuse(
+    flow: http.HTTPFlow,
+    status: int,
+    error: str,
+    outcome: str,
+    path: str | None,
+    detail: str,
+) -> None:
+    """Answer instead of forwarding, and record the decision for the audit line."""
+    request = flow.request
     flow.metadata[DECISION_KEY] = {
         "provider": None,
         "credential": None,
-        "host": host,
-        "port": port,
-        "method": flow.request.method,
+        "host": request.host,
+        "port": request.port,
+        "method": request.method,
         "path": path,
         "cache": None,
         "grant_latency_ms": None,
-        "outcome": "denied",
+        "outcome": outcome,
     }
     flow.response = http.Response.make(
+        status, error_body(error, None, None, detail), {"Content-Type": "application/json"}
+    )
+
+
+def _deny(flow: http.HTTPFlow, path: str | None) -> None:
+    request = flow.request
+    _refuse(
+        flow,
         403,
-        error_body(
-            "destination_not_allowed",
-            None,
-            None,
-            f"{host}:{port} matches no endpoint of this sandbox's providers "
-            "(the proxy runs with --deny-unmatched)",
-        ),
-        {"Content-Type": "application/json"},
+        "destination_not_allowed",
+        "denied",
+        path,
+        f"{request.host}:{request.port} matches no endpoint of this sandbox's providers "
+        "(the proxy runs with --deny-unmatched)",
     )
 
 
-def _unconfigured(flow: http.HTTPFlow, host: str, port: int, path: str | None, why: str) -> None:
-    flow.metadata[DECISION_KEY] = {
-        "provider": None,
-        "credential": None,
-        "host": host,
-        "port": port,
-        "method": flow.request.method,
-        "path": path,
-        "cache": None,
-        "grant_latency_ms": None,
-        "outcome": "unconfigured",
-    }
-    flow.response = http.Response.make(
-        502,
-        error_body("configuration_unavailable", None, None, why),
-        {"Content-Type": "application/json"},
-    )
+def _unconfigured(flow: http.HTTPFlow, path: str | None, why: str) -> None:
+    _refuse(flow, 502, "configuration_unavailable", "unconfigured", path, why)
 
 
 class Passthrough:
@@ -94,12 +93,12 @@ class Passthrough:
         request = flow.request
         why = self.supervisor.unconfigured
         if why is not None:
-            _unconfigured(flow, request.host, request.port, None, why)
+            _unconfigured(flow, None, why)
             return
         if self.deny_unmatched and not self.supervisor.table.any_endpoint(
             request.host, request.port
         ):
-            _deny(flow, request.host, request.port, None)
+            _deny(flow, None)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response:
@@ -107,10 +106,10 @@ class Passthrough:
         request = flow.request
         why = self.supervisor.unconfigured
         if why is not None:
-            _unconfigured(flow, request.host, request.port, strip_query(request.path), why)
+            _unconfigured(flow, strip_query(request.path), why)
             return
         if not self.deny_unmatched:
             return
         path = strip_query(request.path)
         if not self.supervisor.table.any_endpoint(request.host, request.port, path):
-            _deny(flow, request.host, request.port, path)
+            _deny(flow, path)
