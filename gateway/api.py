@@ -228,6 +228,14 @@ def parse_credential(value: object, field: str, *, allow_null: bool) -> Credenti
                 f"field {field!r}: unknown key {unknown[0]!r} (expected value, expires_at)",
                 field=f"{field}.{unknown[0]}",
             )
+        if "value" not in value:
+            # Without this, {"expires_at": ...} alone would read as "change the expiry" but
+            # would drop the stored value: make the caller say which it means.
+            raise invalid_request(
+                f"field {field!r}: 'value' is required (a string, or null to record the "
+                "credential without a value)",
+                field=f"{field}.value",
+            )
         expires_at = parse_expiry(value.get("expires_at"), f"{field}.expires_at")
         secret = value.get("value")
         secret_field = f"{field}.value"

@@ -246,6 +246,11 @@ async def test_invalid_profile_is_400_naming_the_field(stack: GatewayStack) -> N
             {"name": "p1", "profile": "orders-api", "credentials": {"access_token": "x"}},
             "credentials.access_token",
         ),
+        (
+            {"name": "p1", "profile": "orders-api",
+             "credentials": {"user_token": {"expires_at": "2030-01-01T00:00:00Z"}}},
+            "credentials.user_token.value",
+        ),
     ],
 )  # fmt: skip
 async def test_invalid_provider_bodies_are_400_naming_the_field(
